@@ -1,0 +1,115 @@
+"""gpt-oss as plain PyTorch: embedding, decoder blocks (attention + MoE), final norm, lm_head.
+
+The module tree mirrors the hub's tensor names (`model.layers.N.self_attn.q_proj.weight`, ...),
+so a checkpoint's keys are our state_dict's keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import GptOssConfig
+from .loss import chunked_cross_entropy
+from .moe import MLP
+from .rope import rotary_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, impl: str):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        # padding_idx as in the reference: the pad token's row gets no gradient
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GptOss(nn.Module):
+    """`GptOss(config)` is randomly initialised; `load_model` fills one from a checkpoint.
+
+    attention: "eager" (plain, forms the score matrix), "flex" (CUDA) or "auto" (flex on CUDA).
+    """
+
+    def __init__(self, config: GptOssConfig, attention: str = "auto"):
+        super().__init__()
+        if attention not in ("auto", "eager", "flex"):
+            raise ValueError(f"attention must be auto, eager or flex, not {attention!r}")
+        self.config = config
+        self.attention = attention
+        self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def hidden_states(self, input_ids):
+        """input_ids (batch, seq) -> final-norm states (batch, seq, hidden).
+
+        No attention mask: batches are right-padded, so under the causal mask no real token sees
+        padding or another example.
+        """
+        device = self.model.norm.weight.device
+        emb = self.model.embed_tokens
+        x = emb(input_ids.to(emb.weight.device)).to(device)    # the embedding may live on the CPU
+        impl = self.attention
+        if impl == "auto":
+            impl = "flex" if x.is_cuda else "eager"
+        cos, sin = rotary_cos_sin(self.config, torch.arange(input_ids.shape[1], device=device), x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, impl)
+        return self.model.norm(x)
+
+    def forward(self, input_ids):
+        """Logits (batch, seq, vocab). For training use `loss`, which never forms them all."""
+        return self.lm_head(self.hidden_states(input_ids))
+
+    def loss(self, input_ids, labels, reduction: str = "mean"):
+        """Next-token cross-entropy over positions whose label is not -100 (labels not shifted).
+
+        reduction "mean" gives the mean; "sum" gives (summed loss, number of target tokens), so that
+        a step can normalise over all its micro-batches.
+        """
+        total, count = chunked_cross_entropy(self.lm_head, self.hidden_states(input_ids),
+                                             labels.to(self.model.norm.weight.device))
+        if reduction == "sum":
+            return total, count
+        if reduction != "mean":
+            raise ValueError(f"reduction must be mean or sum, not {reduction!r}")
+        return total / count.clamp(min=1)

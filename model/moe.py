@@ -1,0 +1,121 @@
+"""The mixture of experts: a top-k router and clamped SwiGLU experts.
+
+`moe_reference` is the plain twin (a loop over experts, each on its own tokens). `Experts.forward`
+is the path used everywhere: the (token, expert) pairs are sorted by expert once, and each of the
+two projections is one grouped matrix product over all experts (`torch._grouped_mm` on CUDA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GptOssConfig
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+
+    def forward(self, x):
+        """x (tokens, hidden) -> routing weights (tokens, k) and expert indices (tokens, k)."""
+        logits = F.linear(x, self.weight, self.bias)            # (tokens, experts)
+        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        return top.softmax(dim=-1), idx                         # softmax over the k chosen only
+
+
+def swiglu(gate_up, alpha: float, limit: float):
+    """gpt-oss's clamped SwiGLU; gate and up are interleaved along the last dim (even, odd)."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+def use_grouped_kernel(x) -> bool:
+    """torch._grouped_mm runs on CUDA in bf16; elsewhere the per-expert loop is used."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def grouped_matmul(x, w, counts: list[int] | None, offsets):
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (experts, in, out).
+
+    With counts None one grouped kernel does all experts (offsets: cumulative counts, int32);
+    otherwise a loop over experts (never over tokens) is the plain equivalent.
+    """
+    if counts is None:
+        return torch._grouped_mm(x, w, offs=offsets)
+    outs = [xe @ w[e] for e, xe in enumerate(x.split(counts)) if counts[e]]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
+class Experts(nn.Module):
+    """All experts of one layer: gate_up_proj (experts, hidden, 2*inter), down_proj (experts, inter, hidden).
+
+    The layout is the hub's (input dim first, y = x @ W). `gate_up` and `down` are the two projections
+    over expert-sorted rows; the NF4 and LoRA variants replace them and keep `forward`.
+    """
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.alpha, self.limit = e, config.swiglu_alpha, config.swiglu_limit
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
+        self.down_proj = nn.Parameter(torch.zeros(e, i, h))
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
+
+    def gate_up(self, x, expert, counts, offsets):
+        return grouped_matmul(x, self.gate_up_proj, counts, offsets) + self.gate_up_proj_bias[expert]
+
+    def down(self, x, expert, counts, offsets):
+        return grouped_matmul(x, self.down_proj, counts, offsets) + self.down_proj_bias[expert]
+
+    def forward(self, x, weights, idx):
+        """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden)."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)                # (tokens*k,) pairs grouped by expert
+        expert = flat[order]
+        token = order // k
+        counts_t = torch.bincount(flat, minlength=self.num_experts)
+        offsets = counts_t.cumsum(0).to(torch.int32)
+        # the loop needs the counts on the host; the grouped kernel does not (no device sync)
+        counts = None if use_grouped_kernel(x) else counts_t.tolist()
+        h = swiglu(self.gate_up(x[token], expert, counts, offsets), self.alpha, self.limit)
+        y = self.down(h, expert, counts, offsets)               # (tokens*k, hidden)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx = self.router(flat)
+        return self.experts(flat, weights, idx).view(b, t, d)
+
+
+def moe_reference(mlp: MLP, x):
+    """The plain twin of `MLP.forward` on dense experts: each expert on its own tokens, one at a time."""
+    b, t, d = x.shape
+    flat = x.reshape(-1, d)
+    weights, idx = mlp.router(flat)
+    ex = mlp.experts
+    out = torch.zeros_like(flat)
+    for e in range(ex.num_experts):
+        token, slot = torch.where(idx == e)
+        if len(token) == 0:
+            continue
+        gu = flat[token] @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+        y = swiglu(gu, ex.alpha, ex.limit) @ ex.down_proj[e] + ex.down_proj_bias[e]
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+    return out.view(b, t, d)

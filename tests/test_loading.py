@@ -1,0 +1,231 @@
+"""Checkpoint loading: the hub's layout (sharded safetensors), MXFP4 experts, NF4 storage, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import hf_twin
+from model import GptOss, GptOssConfig, load_model
+from model.loading import CheckpointError
+from model.mxfp4 import FP4_VALUES, dequantize_mxfp4
+from model.nf4 import NF4Experts, NF4Linear, nf4_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- MXFP4 by hand
+def test_every_e2m1_code_nibble_order_and_scale_bias():
+    # byte (hi << 4) | lo holds element 2i in lo and 2i+1 in hi
+    codes = torch.arange(16, dtype=torch.uint8)
+    expected = [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6]
+    assert list(FP4_VALUES) == expected
+    lo, hi = codes, codes.flip(0)
+    blocks = torch.zeros(1, 2, 16, dtype=torch.uint8)
+    blocks[0, 0] = lo | (hi << 4)
+    blocks[0, 1] = lo | (hi << 4)
+    scales = torch.tensor([[127, 129]], dtype=torch.uint8)  # 2^0 and 2^2
+    out = dequantize_mxfp4(blocks, scales, torch.float32)[0]
+    first = torch.tensor([v for pair in zip(expected, expected[::-1]) for v in pair])
+    assert torch.equal(out[:32], first)
+    assert torch.equal(out[32:], first * 4)
+    tiny = dequantize_mxfp4(torch.full((1, 1, 16), 0x22, dtype=torch.uint8),
+                            torch.tensor([[120]], dtype=torch.uint8), torch.float32)
+    assert torch.equal(tiny, torch.full((1, 32), 2 ** -7))  # code 2 is 1.0, times 2^(120-127)
+
+
+def quantize_mxfp4(w: torch.Tensor):
+    """Test-side encoder: w (..., n) -> blocks (..., n/32, 16), scales (..., n/32)."""
+    lut = torch.tensor(FP4_VALUES[:8])
+    x = w.reshape(*w.shape[:-1], -1, 32).float()
+    amax = x.abs().amax(-1, keepdim=True).clamp(min=2 ** -20)
+    exp = torch.ceil(torch.log2(amax / 6))
+    scaled = x / 2 ** exp
+    mag = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(-1)
+    code = (mag | ((scaled < 0).long() << 3)).to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)
+    return blocks, (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+def write_checkpoint(model: GptOss, folder, mxfp4=False, shards=2, dtype=torch.bfloat16, drop=(), reshape=()):
+    """Our state dict in the hub's layout: config.json, sharded safetensors and their index."""
+    os.makedirs(folder, exist_ok=True)
+    cfg = model.config.to_dict()
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k in drop:
+            continue
+        v = v.detach().to(dtype).contiguous()
+        if k in reshape:
+            v = v[..., :-1].contiguous()
+        if mxfp4 and k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(v.float().transpose(1, 2))  # stored (experts, out, in)
+            tensors[k + "_blocks"], tensors[k + "_scales"] = blocks, scales
+        else:
+            tensors[k] = v
+    if mxfp4:
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = {k: tensors[k] for k in names[i::shards]}
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, os.path.join(folder, fname))
+        weight_map.update({k: fname for k in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return tensors
+
+
+# ---------------------------------------------------------------- the hub's layout
+def test_transformers_save_pretrained_loads_into_identical_tensors(tiny_model, tmp_path):
+    hf = hf_twin(tiny_model)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    ours = load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    ref = hf.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    ids = torch.randint(0, 1024, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), tiny_model(ids))
+
+
+def test_mxfp4_checkpoint_loads_as_dequantised_by_hand(tiny_model, tmp_path):
+    tensors = write_checkpoint(tiny_model, tmp_path, mxfp4=True)
+    model = load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    for name in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.experts.{name}"
+        blocks, scales = tensors[key + "_blocks"], tensors[key + "_scales"]
+        by_hand = torch.empty(blocks.shape[:2] + (blocks.shape[2] * 32,))
+        lut = torch.tensor(FP4_VALUES)
+        for e in range(blocks.shape[0]):          # element by element, the slow obvious way
+            for r in range(blocks.shape[1]):
+                for b in range(blocks.shape[2]):
+                    for j in range(16):
+                        byte = int(blocks[e, r, b, j])
+                        s = 2.0 ** (int(scales[e, r, b]) - 127)
+                        by_hand[e, r, b * 32 + 2 * j] = lut[byte & 15] * s
+                        by_hand[e, r, b * 32 + 2 * j + 1] = lut[byte >> 4] * s
+        got = getattr(model.model.layers[1].mlp.experts, name)
+        assert torch.equal(got, by_hand.transpose(1, 2))
+        # and the encoding really was close to the original weights
+        orig = getattr(tiny_model.model.layers[1].mlp.experts, name)
+        assert (got - orig).abs().max() < 0.25 * orig.abs().max()
+
+
+# ---------------------------------------------------------------- NF4
+def test_nf4_model_stays_close_to_the_bf16_model(tmp_path):
+    torch.manual_seed(0)
+    model = GptOss(GptOssConfig.from_name("tiny"))  # the init's scale, std 0.02
+    write_checkpoint(model, tmp_path)
+    dense = load_model(str(tmp_path), device="cpu", dtype=torch.bfloat16)
+    nf4 = load_model(str(tmp_path), quantize="nf4", device="cpu", dtype=torch.bfloat16)
+    layer = nf4.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, NF4Linear) and isinstance(layer.mlp.experts, NF4Experts)
+    # each quantised matrix: NF4's relative error on normal weights is about 0.09 (blocks of 64)
+    w = dense.model.layers[0].self_attn.q_proj.weight.float()
+    err = (layer.self_attn.q_proj.dequantized_weight().float() - w).norm() / w.norm()
+    assert 0.05 < err < 0.12
+    gu = dense.model.layers[2].mlp.experts.gate_up_proj.float()
+    err = (nf4.model.layers[2].mlp.experts.dequantized("gate_up_proj").float() - gu).norm() / gu.norm()
+    assert 0.05 < err < 0.12
+    ids = torch.randint(0, 1024, (2, 24))
+    with torch.no_grad():
+        a, b = dense(ids).float(), nf4(ids).float()
+        # exactly the dense model holding the dequantised weights: storage changes nothing else
+        for i, l in enumerate(nf4.model.layers):
+            d = dense.model.layers[i]
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(d.self_attn, p).weight.copy_(getattr(l.self_attn, p).dequantized_weight())
+            d.mlp.experts.gate_up_proj.copy_(l.mlp.experts.dequantized("gate_up_proj"))
+            d.mlp.experts.down_proj.copy_(l.mlp.experts.dequantized("down_proj"))
+        assert torch.equal(dense(ids).float(), b)
+    # Against the unquantised model: 24 matrices (4 layers x q, k, v, o, gate_up, down) each off by
+    # ~9% add up to ~18% in the logits here (measured); a wrong layout (transposed, unscaled) gives ~1.
+    assert (a - b).norm() / a.norm() < 0.3
+    # NF4 stores about 4.5 bits a weight: under 0.6 bytes per quantised weight
+    n = sum(m.numel() for k, m in dense.state_dict().items() if "proj" in k and "bias" not in k)
+    assert nf4_bytes(nf4) < 0.6 * n
+
+
+def test_nf4_backward_reaches_the_inputs(tiny_model, tmp_path):
+    write_checkpoint(tiny_model, tmp_path)
+    nf4 = load_model(str(tmp_path), quantize="nf4", device="cpu", dtype=torch.bfloat16)
+    ex = nf4.model.layers[0].mlp.experts
+    x = torch.randn(10, 64, dtype=torch.bfloat16, requires_grad=True)
+    w, idx = torch.softmax(torch.randn(10, 2), -1), torch.randint(0, 8, (10, 2))
+    ex(x, w, idx).float().pow(2).sum().backward()
+    # the same function on the dequantised weights, by the dense path
+    dense = type(ex).__mro__[1](nf4.config)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(ex.dequantized("gate_up_proj"))
+        dense.down_proj.copy_(ex.dequantized("down_proj"))
+        dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
+        dense.down_proj_bias.copy_(ex.down_proj_bias)
+    x2 = x.detach().float().requires_grad_()
+    dense(x2, w, idx).pow(2).sum().backward()
+    assert torch.allclose(x.grad.float(), x2.grad, rtol=0.05, atol=0.05 * x2.grad.abs().max().item())
+
+
+# ---------------------------------------------------------------- bad checkpoints
+def test_errors_name_the_file_and_tensor(tiny_model, tmp_path):
+    write_checkpoint(tiny_model, tmp_path / "missing", drop=("model.layers.1.self_attn.sinks",))
+    with pytest.raises(CheckpointError, match="model.layers.1.self_attn.sinks"):
+        load_model(str(tmp_path / "missing"), device="cpu")
+    write_checkpoint(tiny_model, tmp_path / "shape", reshape=("model.layers.0.mlp.router.weight",))
+    with pytest.raises(CheckpointError, match=r"model-0000\d-of-00002.safetensors.*router.weight.*shape"):
+        load_model(str(tmp_path / "shape"), device="cpu")
+    write_checkpoint(tiny_model, tmp_path / "quant")
+    cfg = json.loads((tmp_path / "quant" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (tmp_path / "quant" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json.*gptq"):
+        load_model(str(tmp_path / "quant"), device="cpu")
+    with pytest.raises(CheckpointError, match="--model tiny"):
+        load_model(str(tmp_path / "no-such-folder-or-repo"), device="cpu")
+
+
+# ---------------------------------------------------------------- memory while loading
+MEASURE = r"""
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from model import load_model
+from model.nf4 import nf4_bytes
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+m = load_model({folder!r}, quantize={quantize!r}, device="cpu", dtype=torch.bfloat16)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+kept = nf4_bytes(m) + sum(p.numel() * p.element_size() for p in m.parameters())
+print(after - before, kept)
+"""
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_loading_never_holds_a_second_copy(tmp_path, quantize):
+    # ~100 MB of MXFP4-free bf16 experts in 2 shards; the largest tensor is 12 MB
+    config = GptOssConfig(vocab_size=1024, hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=12,
+                          num_experts_per_tok=2, sliding_window=8, pad_token_id=0)
+    with torch.device("meta"):
+        skeleton = GptOss(config)
+    tensors = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k, v in skeleton.state_dict().items()}
+    total = sum(t.numel() * 2 for t in tensors.values())
+    largest = max(t.numel() * 2 for t in tensors.values())
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config.to_dict(), f)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    del tensors
+    out = subprocess.run([sys.executable, "-c", MEASURE.format(root=ROOT, folder=str(tmp_path), quantize=quantize)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    grown, kept = int(out[0]), int(out[1])
+    assert total > 80e6
+    # peak growth = the finished model + one tensor in flight (and its float32 / quantisation temporaries)
+    assert grown < kept + 4 * largest + 40e6, (grown / 1e6, kept / 1e6, total / 1e6)
+    if quantize == "nf4":
+        assert grown < 0.6 * total

@@ -1,0 +1,131 @@
+"""The network against transformers' GptOss on the same weights (tiny config, float32, CPU)."""
+import torch
+import torch.nn.functional as F
+
+from conftest import hf_config, hf_twin
+from model import GptOss, GptOssConfig
+from model.attention import eager_attention
+from model.loss import chunked_cross_entropy
+from model.moe import moe_reference
+from model.rope import yarn_inv_freq
+
+TOL = 1e-4  # float32 end to end; observed differences are ~3e-6
+
+
+def test_presets_have_the_hub_shapes():
+    c = GptOssConfig.from_name("gpt-oss-20b")
+    assert (c.num_hidden_layers, c.num_local_experts, c.hidden_size, c.vocab_size) == (24, 32, 2880, 201088)
+    assert c.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert GptOssConfig.from_name("gpt-oss-120b").num_local_experts == 128
+    t = GptOssConfig.from_name("tiny")
+    assert t.num_experts_per_tok < t.num_local_experts and "sliding_attention" in t.layer_types
+
+
+def test_config_reads_both_rope_spellings():
+    old = GptOssConfig.from_dict({"rope_theta": 1000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+                                  "num_hidden_layers": 2, "unknown_field": 1})
+    new = GptOssConfig.from_dict({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0},
+                                  "num_hidden_layers": 2})
+    assert old.rope_theta == new.rope_theta == 1000.0 and old.rope_scaling == new.rope_scaling
+
+
+def test_yarn_frequencies_equal_the_reference():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for name in ("gpt-oss-20b", "tiny"):
+        config = GptOssConfig.from_name(name)
+        ours, factor = yarn_inv_freq(config)
+        ref, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config(config), "cpu")
+        assert torch.allclose(ours, ref, rtol=1e-6, atol=0), (ours - ref).abs().max()
+        assert abs(factor - ref_factor) < 1e-12 and abs(factor - 1.3466) < 1e-4
+
+
+def test_logits_equal_transformers(tiny_model):
+    hf = hf_twin(tiny_model)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (3, 37))  # batch > 1, seq > window of 8
+    with torch.no_grad():
+        ours, ref = tiny_model(ids), hf(input_ids=ids).logits
+    assert (ours - ref).abs().max() < TOL
+
+
+def test_loss_and_gradients_equal_transformers(tiny_model):
+    hf = hf_twin(tiny_model)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 30))
+    labels = ids.clone()
+    labels[:, :11] = -100
+    loss = tiny_model.loss(ids, labels)
+    ref = hf(input_ids=ids, labels=labels).loss
+    assert abs(loss.item() - ref.item()) < TOL
+    loss.backward()
+    ref.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in tiny_model.named_parameters():
+        g, r = p.grad, hf_params[name].grad
+        assert r is not None and g is not None, name
+        assert (g - r).abs().max() < TOL * max(1.0, r.abs().max().item()), name  # embedding grad = input grad
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 20))
+    grads = []
+    for ckpt in (False, True):
+        tiny_model.zero_grad()
+        tiny_model.gradient_checkpointing = ckpt
+        tiny_model.loss(ids, ids).backward()
+        grads.append([p.grad.clone() for p in tiny_model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_grouped_experts_equal_the_per_expert_loop(tiny_model):
+    x = torch.randn(2, 25, tiny_model.config.hidden_size) * 3  # large enough to hit the swiglu clamp
+    mlp = tiny_model.model.layers[0].mlp
+    assert torch.allclose(mlp(x), moe_reference(mlp, x), atol=1e-5)
+
+
+def test_sliding_window_sees_the_last_n_tokens():
+    # value of token j is one-hot j: the output row shows exactly which keys a query attends to
+    t, w = 12, 4
+    q = torch.zeros(1, t, 1, 4)
+    k = torch.zeros(1, t, 1, 4)
+    v = torch.eye(t).view(1, t, 1, t)
+    out = eager_attention(q, k, v, torch.tensor([-1e9]), window=w)[0, :, 0]  # (t, t)
+    for i in range(t):
+        seen = (out[i] > 0).nonzero().flatten().tolist()
+        assert seen == list(range(max(0, i - w + 1), i + 1))
+
+
+def test_sinks_take_their_share():
+    # one key, score 0: with sink s the kept weight is 1 / (1 + e^s)
+    q, k, v = torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4)
+    sinks = torch.tensor([0.0, 2.0])
+    out = eager_attention(q, k, v, sinks, window=None)[0, 0, :, 0]
+    assert torch.allclose(out, torch.sigmoid(-sinks))
+
+
+def test_chunked_loss_equals_plain_cross_entropy():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :5] = -100
+    labels[2, 3] = -100
+    total, count = chunked_cross_entropy(head, hidden, labels, chunk_size=4)
+    logits = head(hidden)[:, :-1].reshape(-1, 50)
+    ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert count.item() == (labels[:, 1:] != -100).sum().item()
+    assert torch.allclose(total, ref, atol=1e-5)
+    g, = torch.autograd.grad(total, hidden)
+    g_ref, = torch.autograd.grad(ref, hidden)
+    assert torch.allclose(g, g_ref, atol=1e-6)
+    assert g[0, :4].abs().sum() == 0  # positions predicting ignored labels get no gradient
+
+
+def test_mean_loss_is_sum_over_count(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9] = ids[0, 5:9]
+    labels[1, 14:] = ids[1, 14:]
+    with torch.no_grad():
+        total, count = tiny_model.loss(ids, labels, reduction="sum")
+        mean = tiny_model.loss(ids, labels)
+    assert count.item() == 6 and torch.allclose(mean, total / 6)
