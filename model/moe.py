@@ -20,10 +20,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
 
+    def logits(self, x):
+        return F.linear(x, self.weight, self.bias)              # (tokens, experts)
+
     def forward(self, x):
         """x (tokens, hidden) -> routing weights (tokens, k) and expert indices (tokens, k)."""
-        logits = F.linear(x, self.weight, self.bias)            # (tokens, experts)
-        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        top, idx = torch.topk(self.logits(x), self.top_k, dim=-1)
         return top.softmax(dim=-1), idx                         # softmax over the k chosen only
 
 
