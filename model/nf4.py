@@ -11,7 +11,7 @@ import bitsandbytes.functional as bnbf
 import torch
 import torch.nn as nn
 
-from .moe import Experts, grouped_matmul
+from .moe import Experts, grouped_matmul, use_grouped_kernel
 
 BLOCKSIZE = 64
 
@@ -58,44 +58,92 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
+def _dequantize_into(w: NF4Tensor, out: torch.Tensor):
+    if out.is_cuda:  # bitsandbytes writes straight into the buffer on CUDA
+        bnbf.dequantize_4bit(w.packed, w.state, out=out.view(w.state.shape))
+    else:
+        out.copy_(w.dequantize())
+
+
+def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts: list[int], group: int, transpose=False):
+    """Rows of x sorted by expert (counts[e] rows each) times each expert's dequantised weight.
+
+    Experts are taken `group` at a time: their weights are dequantised into one (group, in, out)
+    buffer and multiplied in one grouped product, so at most `group` experts exist in bf16 at once.
+    Experts that no row uses are never dequantised.
+    """
+    outs, start = [], 0
+    for g0 in range(0, len(weights), group):
+        active = [e for e in range(g0, min(g0 + group, len(weights))) if counts[e]]
+        n = sum(counts[e] for e in active)
+        if not active:
+            continue
+        w0 = weights[active[0]]
+        buf = torch.empty((len(active),) + w0.shape, dtype=w0.dtype, device=x.device)
+        for j, e in enumerate(active):
+            _dequantize_into(weights[e], buf[j])
+        if transpose:
+            buf = buf.transpose(1, 2)
+        sub = [counts[e] for e in active]
+        rows = x[start:start + n]
+        if use_grouped_kernel(rows):
+            offsets = torch.tensor(sub, device=x.device).cumsum(0).to(torch.int32)
+            outs.append(grouped_matmul(rows, buf, None, offsets))
+        else:
+            outs.append(grouped_matmul(rows, buf, sub, None))
+        start += n
+    if not outs:
+        return x.new_zeros(0, weights[0].shape[0 if transpose else 1])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class _GroupedNF4(torch.autograd.Function):
-    """x (rows sorted by expert, in) @ dequantize(w)[e] without saving the dequantised weights."""
+    """nf4_grouped_matmul with a backward that dequantises again instead of keeping the weights."""
 
     @staticmethod
-    def forward(ctx, x, w: NF4Tensor, counts, offsets):
-        ctx.w, ctx.counts = w, counts
-        ctx.save_for_backward(offsets)
-        return grouped_matmul(x, w.dequantize(), counts, offsets)
+    def forward(ctx, x, weights, counts, group):
+        ctx.weights, ctx.counts, ctx.group = weights, counts, group
+        return nf4_grouped_matmul(x, weights, counts, group)
 
     @staticmethod
     def backward(ctx, dy):
-        (offsets,) = ctx.saved_tensors
-        w_t = ctx.w.dequantize().transpose(1, 2).contiguous()    # (experts, out, in)
-        return grouped_matmul(dy.contiguous(), w_t, ctx.counts, offsets), None, None, None
+        dx = nf4_grouped_matmul(dy.contiguous(), ctx.weights, ctx.counts, ctx.group, transpose=True)
+        return dx, None, None, None
 
 
 class NF4Experts(Experts):
-    """The experts of one layer with gate_up_proj and down_proj in NF4, each as one quantised tensor."""
+    """The experts of one layer with gate_up_proj and down_proj in NF4, one quantised tensor per expert.
 
-    def __init__(self, config):
+    Per-expert storage lets a projection dequantise only the experts in use, `group` at a time
+    (all at once by default: one grouped kernel per projection).
+    """
+
+    def __init__(self, config, group: int | None = None):
         super().__init__(config)
         # the dense parameters are dropped; the biases stay (small, and kept in bf16/fp32)
         del self.gate_up_proj, self.down_proj
-        self.nf4: dict[str, NF4Tensor] = {}
+        self.group = group or self.num_experts
+        self.nf4: dict[str, list[NF4Tensor]] = {}
 
     def set_weight(self, name: str, weight: torch.Tensor, compute_dtype=torch.bfloat16):
-        self.nf4[name] = NF4Tensor(weight, compute_dtype)
+        """weight (experts, in, out), dense layout; quantised one expert at a time."""
+        self.nf4[name] = [NF4Tensor(w, compute_dtype) for w in weight]
 
     def dequantized(self, name: str) -> torch.Tensor:
-        return self.nf4[name].dequantize()
+        return torch.stack([w.dequantize() for w in self.nf4[name]])
+
+    def _project(self, name, x, expert, counts, offsets):
+        ws = self.nf4[name]
+        if counts is None:
+            counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+        y = _GroupedNF4.apply(x.to(ws[0].dtype), ws, counts, self.group)
+        return y + getattr(self, name + "_bias")[expert].to(y.dtype)
 
     def gate_up(self, x, expert, counts, offsets):
-        w = self.nf4["gate_up_proj"]
-        return _GroupedNF4.apply(x.to(w.dtype), w, counts, offsets) + self.gate_up_proj_bias[expert].to(w.dtype)
+        return self._project("gate_up_proj", x, expert, counts, offsets)
 
     def down(self, x, expert, counts, offsets):
-        w = self.nf4["down_proj"]
-        return _GroupedNF4.apply(x.to(w.dtype), w, counts, offsets) + self.down_proj_bias[expert].to(w.dtype)
+        return self._project("down_proj", x, expert, counts, offsets)
 
 
 def nf4_bytes(model: nn.Module) -> int:
@@ -105,5 +153,5 @@ def nf4_bytes(model: nn.Module) -> int:
         if isinstance(m, NF4Linear) and m.weight_nf4 is not None:
             total += m.weight_nf4.nbytes()
         elif isinstance(m, NF4Experts):
-            total += sum(w.nbytes() for w in m.nf4.values())
+            total += sum(w.nbytes() for ws in m.nf4.values() for w in ws)
     return total

@@ -150,10 +150,11 @@ def test_nf4_model_stays_close_to_the_bf16_model(tmp_path):
     # Against the unquantised model: 24 matrices (4 layers x q, k, v, o, gate_up, down) each off by
     # ~9% add up to ~18% in the logits here (measured); a wrong layout (transposed, unscaled) gives ~1.
     assert (a - b).norm() / a.norm() < 0.3
-    # NF4 stores about 4.5 bits a weight: under 0.6 bytes per quantised weight
+    # NF4 stores 4 bits a weight, plus per block of 64 one 8-bit absmax (double quantisation) and
+    # per tensor a 1 KB table of the second-level code
     n = sum(m.numel() for k, m in dense.state_dict().items() if "proj" in k and "bias" not in k)
-    assert nf4_bytes(nf4) < 0.6 * n
-
+    n_tensors = 4 * 4 + 4 * 2 * 8  # per layer: q, k, v, o and one per expert per expert matrix
+    assert n / 2 < nf4_bytes(nf4) < n / 2 + n / 64 + 1200 * n_tensors
 
 def test_nf4_backward_reaches_the_inputs(tiny_model, tmp_path):
     write_checkpoint(tiny_model, tmp_path)
@@ -208,8 +209,8 @@ print(after - before, kept)
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_loading_never_holds_a_second_copy(tmp_path, quantize):
-    # ~100 MB of MXFP4-free bf16 experts in 2 shards; the largest tensor is 12 MB
-    config = GptOssConfig(vocab_size=1024, hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+    # ~50 MB of bf16 weights; the largest tensor is 12 MB
+    config = GptOssConfig(vocab_size=1024, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=12,
                           num_experts_per_tok=2, sliding_window=8, pad_token_id=0)
     with torch.device("meta"):
@@ -224,7 +225,7 @@ def test_loading_never_holds_a_second_copy(tmp_path, quantize):
     out = subprocess.run([sys.executable, "-c", MEASURE.format(root=ROOT, folder=str(tmp_path), quantize=quantize)],
                          capture_output=True, text=True, check=True).stdout.split()
     grown, kept = int(out[0]), int(out[1])
-    assert total > 80e6
+    assert total > 40e6
     # peak growth = the finished model + one tensor in flight (and its float32 / quantisation temporaries)
     assert grown < kept + 4 * largest + 40e6, (grown / 1e6, kept / 1e6, total / 1e6)
     if quantize == "nf4":
