@@ -40,23 +40,28 @@ def eager_attention(q, k, v, sinks, window: int | None):
     return (probs.to(v.dtype) @ v).transpose(1, 2)             # (b, t, h, d)
 
 
-@functools.lru_cache(maxsize=32)
-def _block_mask(t: int, window: int | None, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+@functools.lru_cache(maxsize=8)
+def _mask_mod(window: int | None):
+    # one function object per window, whatever the length: compiled flex guards on its identity
     if window is None:
         def visible(b, h, qi, ki):
             return qi >= ki
     else:
         def visible(b, h, qi, ki):
             return (qi >= ki) & (qi - ki < window)
-    return create_block_mask(visible, B=None, H=None, Q_LEN=t, KV_LEN=t, device=device)
+    return visible
+
+
+@functools.lru_cache(maxsize=32)
+def _block_mask(t: int, window: int | None, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(_mask_mod(window), B=None, H=None, Q_LEN=t, KV_LEN=t, device=device)
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # a second length recompiles once, with dynamic shapes
 
 
 def flex_attention_with_sinks(q, k, v, sinks, window: int | None):
@@ -66,11 +71,14 @@ def flex_attention_with_sinks(q, k, v, sinks, window: int | None):
     exp(L) / (exp(L) + exp(s)) = sigmoid(L - s), so the output is the sink-free output times that.
     """
     b, t, h, d = q.shape
-    mask = _block_mask(t, window, str(q.device))
-    out, lse = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                block_mask=mask, enable_gqa=True, return_lse=True)
-    scale = torch.sigmoid(lse - sinks.float().view(1, h, 1))   # (b, h, t), float32
-    return (out * scale.unsqueeze(-1).to(out.dtype)).transpose(1, 2)
+    # Pad the length to a multiple of flex's 128-row blocks: few distinct shapes to compile, and
+    # padded keys sit after every real query, so the causal mask already hides them.
+    tp = -(-t // 128) * 128
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, tp - t)).transpose(1, 2) for x in (q, k, v))  # (b, heads, tp, d)
+    mask = _block_mask(tp, window, str(q.device))
+    out, lse = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True, return_lse=True)
+    scale = torch.sigmoid(lse - sinks.float().view(1, h, 1))   # (b, h, tp), float32
+    return (out * scale.unsqueeze(-1).to(out.dtype)).transpose(1, 2)[:, :t]
 
 
 class Attention(nn.Module):

@@ -74,7 +74,8 @@ def _quant_method(config: GptOssConfig, folder: str) -> str | None:
     return method
 
 
-def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, attention: str) -> GptOss:
+def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, attention: str,
+              experts_per_group: int | None) -> GptOss:
     with torch.device("meta"):
         model = GptOss(config, attention=attention)
         if quantize == "nf4":
@@ -83,7 +84,7 @@ def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, att
                     bias = module.bias.detach() if module.bias is not None else None
                     model.set_submodule(name, NF4Linear(module.in_features, module.out_features, bias))
             for layer in model.model.layers:
-                layer.mlp.experts = NF4Experts(config)
+                layer.mlp.experts = NF4Experts(config, experts_per_group)
     return model
 
 
@@ -110,12 +111,14 @@ def _read(files: dict[str, str], name: str, device, dtype) -> torch.Tensor:
 
 
 def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dtype=torch.bfloat16,
-               embedding_device=None, lm_head_nf4: bool = False, attention: str = "auto") -> GptOss:
+               embedding_device=None, lm_head_nf4: bool = False, attention: str = "auto",
+               experts_per_group: int | None = None) -> GptOss:
     """gpt-oss from a local folder or hub id, BF16 or MXFP4 checkpoint.
 
     quantize: None keeps every weight in `dtype`; "nf4" stores the attention projections and the
     experts (and the lm_head with lm_head_nf4) in NF4. embedding_device: where the embedding lives
-    (e.g. "cpu" to save GPU memory); default `device`.
+    (e.g. "cpu" to save GPU memory); default `device`. experts_per_group: NF4 experts are quantised
+    and dequantised this many at a time (default all: fastest; fewer: less transient memory).
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', not {quantize!r}")
@@ -126,7 +129,7 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
     mxfp4 = _quant_method(config, folder) == "mxfp4"
     files = checkpoint_files(folder)
     shapes = _expected_shapes(config)
-    model = _skeleton(config, quantize, lm_head_nf4, attention)
+    model = _skeleton(config, quantize, lm_head_nf4, attention, experts_per_group)
 
     # tensor names as the dense model knows them (MXFP4 pairs fold into one name)
     wanted: dict[str, str] = {}

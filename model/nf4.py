@@ -58,42 +58,32 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
-def _dequantize_into(w: NF4Tensor, out: torch.Tensor):
-    if out.is_cuda:  # bitsandbytes writes straight into the buffer on CUDA
-        bnbf.dequantize_4bit(w.packed, w.state, out=out.view(w.state.shape))
-    else:
-        out.copy_(w.dequantize())
+def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts, offsets, transpose=False):
+    """Rows of x sorted by expert times each expert's dequantised weight.
 
-
-def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts: list[int], group: int, transpose=False):
-    """Rows of x sorted by expert (counts[e] rows each) times each expert's dequantised weight.
-
-    Experts are taken `group` at a time: their weights are dequantised into one (group, in, out)
-    buffer and multiplied in one grouped product, so at most `group` experts exist in bf16 at once.
-    Experts that no row uses are never dequantised.
+    `weights` holds the experts in groups (each an NF4 tensor (group, in, out)). With one group,
+    the weights are dequantised in one call and multiplied in one grouped product, with no host
+    sync; with several, at most one group exists in bf16 at a time, and the rows are sliced per
+    group from the host-side `counts`.
     """
-    outs, start = [], 0
-    for g0 in range(0, len(weights), group):
-        active = [e for e in range(g0, min(g0 + group, len(weights))) if counts[e]]
-        n = sum(counts[e] for e in active)
-        if not active:
-            continue
-        w0 = weights[active[0]]
-        buf = torch.empty((len(active),) + w0.shape, dtype=w0.dtype, device=x.device)
-        for j, e in enumerate(active):
-            _dequantize_into(weights[e], buf[j])
-        if transpose:
-            buf = buf.transpose(1, 2)
-        sub = [counts[e] for e in active]
-        rows = x[start:start + n]
-        if use_grouped_kernel(rows):
-            offsets = torch.tensor(sub, device=x.device).cumsum(0).to(torch.int32)
-            outs.append(grouped_matmul(rows, buf, None, offsets))
-        else:
-            outs.append(grouped_matmul(rows, buf, sub, None))
-        start += n
+    def project(rows, w, sub_counts, sub_offsets):
+        w = w.dequantize()
+        return grouped_matmul(rows, w.transpose(1, 2) if transpose else w, sub_counts, sub_offsets)
+
+    if len(weights) == 1:
+        return project(x, weights[0], counts, offsets)
+    if counts is None:
+        counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+    outs, start, e0 = [], 0, 0
+    for w in weights:
+        sub = counts[e0:e0 + w.shape[0]]
+        n = sum(sub)
+        if n:
+            sub_offsets = torch.tensor(sub, device=x.device).cumsum(0).to(torch.int32)
+            outs.append(project(x[start:start + n], w, None if use_grouped_kernel(x) else sub, sub_offsets))
+        start, e0 = start + n, e0 + w.shape[0]
     if not outs:
-        return x.new_zeros(0, weights[0].shape[0 if transpose else 1])
+        return x.new_zeros(0, weights[0].shape[1 if transpose else 2])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -101,21 +91,24 @@ class _GroupedNF4(torch.autograd.Function):
     """nf4_grouped_matmul with a backward that dequantises again instead of keeping the weights."""
 
     @staticmethod
-    def forward(ctx, x, weights, counts, group):
-        ctx.weights, ctx.counts, ctx.group = weights, counts, group
-        return nf4_grouped_matmul(x, weights, counts, group)
+    def forward(ctx, x, weights, counts, offsets):
+        ctx.weights, ctx.counts = weights, counts
+        ctx.save_for_backward(offsets)
+        return nf4_grouped_matmul(x, weights, counts, offsets)
 
     @staticmethod
     def backward(ctx, dy):
-        dx = nf4_grouped_matmul(dy.contiguous(), ctx.weights, ctx.counts, ctx.group, transpose=True)
+        (offsets,) = ctx.saved_tensors
+        dx = nf4_grouped_matmul(dy.contiguous(), ctx.weights, ctx.counts, offsets, transpose=True)
         return dx, None, None, None
 
 
 class NF4Experts(Experts):
-    """The experts of one layer with gate_up_proj and down_proj in NF4, one quantised tensor per expert.
+    """The experts of one layer with gate_up_proj and down_proj in NF4.
 
-    Per-expert storage lets a projection dequantise only the experts in use, `group` at a time
-    (all at once by default: one grouped kernel per projection).
+    Each matrix is quantised in groups of `group` experts (default: all, one tensor): one group is
+    one dequantisation and one grouped product. Smaller groups bound the bf16 copy that exists at
+    once, at the price of a host sync per projection.
     """
 
     def __init__(self, config, group: int | None = None):
@@ -126,17 +119,16 @@ class NF4Experts(Experts):
         self.nf4: dict[str, list[NF4Tensor]] = {}
 
     def set_weight(self, name: str, weight: torch.Tensor, compute_dtype=torch.bfloat16):
-        """weight (experts, in, out), dense layout; quantised one expert at a time."""
-        self.nf4[name] = [NF4Tensor(w, compute_dtype) for w in weight]
+        """weight (experts, in, out), the dense layout."""
+        self.nf4[name] = [NF4Tensor(weight[g:g + self.group], compute_dtype)
+                          for g in range(0, self.num_experts, self.group)]
 
     def dequantized(self, name: str) -> torch.Tensor:
-        return torch.stack([w.dequantize() for w in self.nf4[name]])
+        return torch.cat([w.dequantize() for w in self.nf4[name]])
 
     def _project(self, name, x, expert, counts, offsets):
         ws = self.nf4[name]
-        if counts is None:
-            counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
-        y = _GroupedNF4.apply(x.to(ws[0].dtype), ws, counts, self.group)
+        y = _GroupedNF4.apply(x.to(ws[0].dtype), ws, counts, offsets)
         return y + getattr(self, name + "_bias")[expert].to(y.dtype)
 
     def gate_up(self, x, expert, counts, offsets):

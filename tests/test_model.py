@@ -129,3 +129,14 @@ def test_mean_loss_is_sum_over_count(tiny_model):
         total, count = tiny_model.loss(ids, labels, reduction="sum")
         mean = tiny_model.loss(ids, labels)
     assert count.item() == 6 and torch.allclose(mean, total / 6)
+
+
+def test_swiglu_backward_equals_autograd():
+    from model.moe import swiglu, swiglu_reference
+    x = (torch.randn(50, 12, dtype=torch.float64) * 6).requires_grad_()  # many values past the clamp at 7
+    x.data[0, :4] = torch.tensor([7.0, -7.0, 7.0, 7.0], dtype=torch.float64)  # exactly on the bounds
+    g = torch.randn(50, 6, dtype=torch.float64)
+    ours, = torch.autograd.grad(swiglu(x, 1.702, 7.0), x, g)
+    ref, = torch.autograd.grad(swiglu_reference(x, 1.702, 7.0), x, g)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: swiglu(t, 1.702, 7.0), (x[1:4].detach().requires_grad_(),))

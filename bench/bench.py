@@ -1,0 +1,129 @@
+"""Load gpt-oss-20b (random weights, MXFP4 checkpoint) into NF4 and time our LoRA training step.
+
+Reports load time and memory, then per sequence length (micro-batch 1, LoRA rank 16 on q/k/v/o,
+gradient checkpointing): tokens/s (median step after warm-up) and peak allocated/reserved GPU memory,
+going up the lengths until one no longer fits. Writes JSON to --out.
+    python bench/make_checkpoint.py /tmp/ck
+    python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --out $OUT/ours.json
+    python bench/bench.py --compare $OUT/ours.json $OUT/hf_peft_baseline.json
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lora import inject, lora_parameters  # noqa: E402
+from model import load_model  # noqa: E402
+from model.nf4 import nf4_bytes  # noqa: E402
+
+GiB = 2 ** 30
+
+
+CONFIGS = {  # name -> load_model options
+    "default": {},
+    "embedding on cpu": {"embedding_device": "cpu"},
+    "emb cpu, nf4 lm_head": {"embedding_device": "cpu", "lm_head_nf4": True},
+    "emb cpu, nf4 head, experts by 8": {"embedding_device": "cpu", "lm_head_nf4": True, "experts_per_group": 8},
+}
+
+
+def load(checkpoint, options):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    model = load_model(checkpoint, quantize="nf4", device="cuda", dtype=torch.bfloat16, **options)
+    torch.cuda.synchronize()
+    r = {"options": options, "load_s": round(time.perf_counter() - t, 1),
+         "loaded_GiB": round(torch.cuda.memory_allocated() / GiB, 2),
+         "load_peak_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
+         "host_peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+         "nf4_GiB": round(nf4_bytes(model) / GiB, 2)}
+    print(json.dumps(r), flush=True)
+    return model, r
+
+
+def step_time(model, opt, seq, steps):
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
+    times = []
+    for _ in range(steps + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        total, count = model.loss(ids, ids, reduction="sum")
+        (total / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:]), (total / count).item()
+
+
+def sweep(model, opt, seqs, steps, label):
+    out = []
+    for seq in seqs:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            dt, loss = step_time(model, opt, seq, steps if seq <= 16384 else 2)
+            r = {"config": label, "seq": seq, "step_s": round(dt, 3), "tok_s": round(seq / dt, 1),
+                 "peak_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
+                 "reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2), "loss": round(loss, 3)}
+        except torch.OutOfMemoryError as e:
+            r = {"config": label, "seq": seq, "oom": True, "error": str(e).split(". ")[0]}
+        print(json.dumps(r), flush=True)
+        out.append(r)
+        if r.get("oom"):
+            break
+    return out
+
+
+def compare(ours_path, ref_path):
+    ours = json.load(open(ours_path))
+    ref = {r["seq"]: r for r in json.load(open(ref_path))["results"]}
+    print(f"{'config':<28}{'seq':>7}{'ours tok/s':>12}{'ref tok/s':>11}{'speed x':>9}"
+          f"{'ours GiB':>10}{'ref GiB':>9}")
+    for r in ours["runs"]:
+        b = ref.get(r["seq"], {})
+        if r.get("oom"):
+            print(f"{r['config']:<28}{r['seq']:>7}{'OOM':>12}")
+            continue
+        sp = f"{r['tok_s'] / b['tok_s']:.2f}" if "tok_s" in b else ("ref OOM" if b.get("oom") else "-")
+        print(f"{r['config']:<28}{r['seq']:>7}{r['tok_s']:>12.0f}{b.get('tok_s', float('nan')):>11.0f}{sp:>9}"
+              f"{r['peak_GiB']:>10.2f}{b.get('peak_GiB', float('nan')):>9.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint")
+    p.add_argument("--seqs", default="1024,2048,4096,8192")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--variants", default="", help="seqs to rerun under each non-default config")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
+    args = p.parse_args()
+    if args.compare:
+        return compare(*args.compare)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "loads": [], "runs": []}
+    for name, options in CONFIGS.items():
+        seqs = args.seqs if name == "default" else args.variants
+        if not seqs:
+            continue
+        model, r = load(args.checkpoint, options)
+        result["loads"].append(r)
+        inject(model, rank=16, alpha=16, dropout=0.0)
+        model.gradient_checkpointing = True
+        model.train()
+        opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=1e-4, fused=True)
+        result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name)
+        del model, opt
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The CUDA fast paths against their plain twins, on the GPU (prints relative errors).
+
+flex attention with sinks vs eager attention; grouped experts (torch._grouped_mm) vs the per-expert
+loop; NF4 experts vs the dense experts holding the dequantised weights. Forward and backward.
+    python bench/check_cuda.py
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GptOss, GptOssConfig  # noqa: E402
+from model.attention import eager_attention, flex_attention_with_sinks  # noqa: E402
+from model.moe import Experts, moe_reference  # noqa: E402
+from model.nf4 import NF4Experts  # noqa: E402
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def grads(fn, inputs):
+    """Output and input gradients for one fixed upstream gradient (the same for every variant)."""
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
+    return out, torch.autograd.grad(out, inputs, g.to(out.dtype))
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda"
+    # 1. whole tiny model, float32: flex path vs eager path, logits and all gradients
+    cfg = GptOssConfig.from_name("tiny")
+    m = GptOss(cfg, attention="eager").to(dev)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 300), device=dev)
+    res = {}
+    for impl in ("eager", "flex"):
+        m.attention = impl
+        m.zero_grad()
+        loss = m.loss(ids, ids)
+        loss.backward()
+        res[impl] = (m(ids).detach(), [p.grad.clone() for p in m.parameters()])
+    print(f"tiny fp32 flex vs eager: logits max abs {(res['flex'][0] - res['eager'][0]).abs().max().item():.2e}, "
+          f"worst grad rel {max(rel(a, b) for a, b in zip(res['flex'][1], res['eager'][1])):.2e}")
+
+    # 2. one attention at gpt-oss-20b's shapes, bf16, both window kinds, T not a multiple of 128
+    for t in (1000, 4096):
+        for window in (128, None):
+            q = torch.randn(1, t, 64, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(1, t, 8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(1, t, 8, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            s = torch.randn(64, device=dev, requires_grad=True)
+            fo, fg = grads(lambda *a: flex_attention_with_sinks(*a, window), (q, k, v, s))
+            ref = [x.detach().double().requires_grad_() for x in (q, k, v, s)]
+            eo, eg = grads(lambda *a: eager_attention(*a, window), ref)
+            print(f"attention T={t} window={window} bf16 vs fp64: out rel {rel(fo, eo):.2e}, "
+                  f"grad rel q {rel(fg[0], eg[0]):.2e} k {rel(fg[1], eg[1]):.2e} v {rel(fg[2], eg[2]):.2e} "
+                  f"sinks {rel(fg[3], eg[3]):.2e}")
+
+    # 3. grouped experts at 20b's widths (8 experts to keep it small), bf16 vs the loop in fp64
+    cfg = GptOssConfig(num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=4)
+    mlp = GptOss(cfg).model.layers[0].mlp.to(dev)
+    x = torch.randn(1, 2048, 2880, device=dev)
+    mlp_b = GptOss(cfg).model.layers[0].mlp.to(dev)
+    mlp_b.load_state_dict(mlp.state_dict())
+    mlp_b = mlp_b.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    out, (gx,) = grads(mlp_b, (xb,))
+    ref_out, (gref,) = grads(lambda a: moe_reference(mlp_b, a), (xb,))
+    print(f"grouped experts vs per-expert loop, both bf16: out rel {rel(out, ref_out):.2e}, grad rel {rel(gx, gref):.2e}")
+
+    # 4. NF4 experts vs dense experts holding the dequantised weights, bf16, group sizes 8 and 3
+    ex = Experts(cfg).to(dev)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.02)
+    xt = torch.randn(4096, 2880, device=dev, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(4096, 4, device=dev), -1)
+    idx = torch.rand(4096, 8, device=dev).argsort(-1)[:, :4]
+    idx = torch.where(idx == 5, 6, idx)  # expert 5 unused
+    for group in (8, 3):
+        nf4 = NF4Experts(cfg, group=group).to(dev)
+        nf4.load_state_dict({k: v for k, v in ex.state_dict().items() if k.endswith("bias")}, strict=False)
+        for name in ("gate_up_proj", "down_proj"):
+            nf4.set_weight(name, getattr(ex, name).detach().to(dev))
+        dense = Experts(cfg).to(dev).to(torch.bfloat16)
+        with torch.no_grad():
+            dense.gate_up_proj.copy_(nf4.dequantized("gate_up_proj"))
+            dense.down_proj.copy_(nf4.dequantized("down_proj"))
+            dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
+            dense.down_proj_bias.copy_(ex.down_proj_bias)
+        do, (dg,) = grads(lambda a: dense(a, w, idx), (xt.clone().requires_grad_(),))
+        no, (ng,) = grads(lambda a: nf4(a, w, idx), (xt.clone().requires_grad_(),))
+        print(f"NF4 experts group={group} vs dense on dequantised weights: out rel {rel(no, do):.2e}, "
+              f"grad rel {rel(ng, dg):.2e}")
+
+
+if __name__ == "__main__":
+    main()

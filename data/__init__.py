@@ -1,0 +1,8 @@
+"""The data set, the harmony chat format, tokenising with loss masks, and batching."""
+
+from data.batches import make_batches
+from data.harmony import (CUT_MARKER, DEFAULT_DATE, DEFAULT_POLICY, DEFAULT_REASONING,
+                          HARMONY_SPECIAL_TOKENS, LABELS, encode_example, encode_split, encode_text,
+                          label_token_ids, render_prompt, special_id, system_text)
+from data.prepare import prepare, read_source, read_split
+from data.tokenizer import load_tokenizer, tiny_tokenizer
