@@ -1,0 +1,154 @@
+"""Scoring prompts with the model: P(jailbreak) from one forward pass, or a greedy answer to parse.
+
+Both read the model's next-token logits at each row's last real position. Rows are RIGHT-padded
+and the model is causal with no attention mask, so that position sees only its own prompt: a
+score depends on the prompt alone, never on the padding or on the other rows of the batch.
+"""
+
+import contextlib
+
+import torch
+from tqdm import tqdm
+
+from data import LABELS, encode_text, label_token_ids, render_prompt, special_id
+
+DEFAULT_MAX_LEN = 2048  # as data's --max-len: a prompt is cut exactly as training cut it at this length.
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, so padding is small)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """model.eval() and torch.no_grad() inside the block; the model's training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Next-token logits (batch, vocab), float32, after the last id of each row; one forward pass.
+
+    The lm_head is applied at those positions only: the (batch, seq, vocab) logits are never formed.
+    """
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)  # (batch, seq)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    h = model.hidden_states(input_ids)                                   # (batch, seq, hidden)
+    rows_index = torch.arange(len(rows), device=h.device)
+    h_last = h[rows_index, (lengths - 1).to(h.device)]                   # (batch, hidden)
+    return model.lm_head(h_last).float()                                 # (batch, vocab)
+
+
+def score_examples(model, tokenizer, prompts: list[str], batch_size: int = 8,
+                   max_len: int | None = DEFAULT_MAX_LEN, progress: bool = False,
+                   return_raw: bool = False):
+    """P(jailbreak) per prompt, normalised over the two label words: P(yes) / (P(yes) + P(no)).
+
+    With return_raw, also returns [(P(no), P(yes))] under the full-vocabulary softmax, which shows
+    how much of the next-token mass the two words get. Scores come back in the order of `prompts`.
+    """
+    benign_id, jailbreak_id = label_token_ids(tokenizer)
+    pad_id = special_id(tokenizer, "<|endoftext|>")
+    encoded = [render_prompt(tokenizer, prompt, max_len) for prompt in prompts]
+    scores, raw = [0.0] * len(prompts), [(0.0, 0.0)] * len(prompts)
+    with inference_mode(model), tqdm(total=len(prompts), desc="scoring", unit="prompt",
+                                     disable=not progress) as bar:
+        for batch in _batches([len(ids) for ids in encoded], batch_size):
+            logits = last_token_logits(model, [encoded[i] for i in batch], pad_id)  # (batch, vocab)
+            pair = logits[:, [benign_id, jailbreak_id]]                              # (batch, 2)
+            p_jailbreak = pair.softmax(dim=-1)[:, 1].tolist()
+            p_full = logits.softmax(dim=-1)[:, [benign_id, jailbreak_id]].tolist()
+            for k, i in enumerate(batch):
+                scores[i] = p_jailbreak[k]
+                raw[i] = tuple(p_full[k])
+            bar.update(len(batch))
+    return (scores, raw) if return_raw else scores
+
+
+def _find(ids: list[int], pattern: list[int], start: int = 0) -> int:
+    """Index of the first occurrence of pattern in ids at or after start, or -1."""
+    for i in range(start, len(ids) - len(pattern) + 1):
+        if ids[i:i + len(pattern)] == pattern:
+            return i
+    return -1
+
+
+def _final_header(tokenizer) -> list[int]:
+    return ([special_id(tokenizer, "<|channel|>")] + encode_text(tokenizer, "final")
+            + [special_id(tokenizer, "<|message|>")])
+
+
+def parse_final(tokenizer, generated: list[int]) -> str | None:
+    """The text of the final channel (after <|channel|>final<|message|>, up to <|return|> or <|end|>).
+
+    None when the answer has no final channel or never closes it (cut off by max_new_tokens).
+    """
+    header = _final_header(tokenizer)
+    at = _find(generated, header)
+    if at < 0:
+        return None
+    body = generated[at + len(header):]
+    closers = {special_id(tokenizer, "<|return|>"), special_id(tokenizer, "<|end|>")}
+    end = next((i for i, token in enumerate(body) if token in closers), None)
+    if end is None:
+        return None
+    return tokenizer.decode(body[:end], skip_special_tokens=False)
+
+
+def answer_label(text: str | None) -> bool | None:
+    """The label an answer names (True = jailbreak), or None if it is not one of the label words."""
+    if text is None:
+        return None
+    word = text.strip().strip(".!\"'").strip().lower()
+    matches = [label for label, label_word in LABELS.items() if word == label_word.lower()]
+    return matches[0] if matches else None
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,
+                     max_len: int | None = DEFAULT_MAX_LEN, progress: bool = False) -> list[str | None]:
+    """Greedy answers, each prompt ending at <|start|>assistant; the final channel's text, or None.
+
+    There is no KV cache: every step runs the forward over the whole sequence again, which is fine
+    for answers of a few tokens. A row stops at <|return|>, <|call|> or <|endoftext|>, or at <|end|>
+    once it is inside the final channel (an <|end|> after analysis is followed by more messages).
+    """
+    pad_id = special_id(tokenizer, "<|endoftext|>")
+    final_header = _final_header(tokenizer)
+    stops = {special_id(tokenizer, t) for t in ("<|return|>", "<|call|>", "<|endoftext|>")}
+    end_id = special_id(tokenizer, "<|end|>")
+    encoded = []
+    for prompt in prompts:
+        ids = render_prompt(tokenizer, prompt, max_len)
+        # render_prompt forces the final channel; here the model must choose its channel itself.
+        assert ids[-len(final_header):] == final_header, "render_prompt no longer ends in the final header"
+        encoded.append(ids[:-len(final_header)])
+    generated: list[list[int]] = [[] for _ in prompts]
+    with inference_mode(model), tqdm(total=len(prompts), desc="generating", unit="prompt",
+                                     disable=not progress) as bar:
+        for batch in _batches([len(ids) for ids in encoded], batch_size):
+            running = list(batch)
+            for _ in range(max_new_tokens):
+                logits = last_token_logits(model, [encoded[i] + generated[i] for i in running], pad_id)
+                next_ids = logits.argmax(dim=-1).tolist()
+                still = []
+                for i, token in zip(running, next_ids):
+                    generated[i].append(token)
+                    in_final = _find(generated[i], final_header) >= 0
+                    if token not in stops and not (token == end_id and in_final):
+                        still.append(i)
+                running = still
+                if not running:
+                    break
+            bar.update(len(batch))
+    return [parse_final(tokenizer, ids) for ids in generated]
