@@ -100,5 +100,27 @@ def main():
               f"grad rel {rel(ng, dg):.2e}")
 
 
+def check_fused():
+    """Each torch.compile'd elementwise chain against its plain self (fn.__wrapped__), bf16 and fp32."""
+    from model.gpt_oss import rms_norm
+    from model.moe import swiglu
+    from model.rope import apply_rotary
+    dev = "cuda"
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1000, 8192):
+            gu = (torch.randn(rows, 5760, device=dev) * 5).to(dtype)
+            x = torch.randn(1, rows, 2880, device=dev, dtype=dtype)
+            w = torch.randn(2880, device=dev)
+            q = torch.randn(1, rows, 8, 64, device=dev, dtype=dtype)
+            cos, sin = torch.randn(rows, 32, device=dev, dtype=dtype), torch.randn(rows, 32, device=dev, dtype=dtype)
+            for name, fn, args in (("swiglu", swiglu, (gu, 1.702, 7.0)), ("rms_norm", rms_norm, (x, w, 1e-5)),
+                                   ("rotary", apply_rotary, (q, cos, sin))):
+                a = args[0].clone().requires_grad_()
+                fo, (fg,) = grads(lambda t: fn(t, *args[1:]), (a,))
+                po, (pg,) = grads(lambda t: fn.__wrapped__(t, *args[1:]), (a,))
+                print(f"compiled {name} {dtype} rows={rows} vs plain: out rel {rel(fo, po):.2e}, grad rel {rel(fg, pg):.2e}")
+
+
 if __name__ == "__main__":
+    check_fused()
     main()

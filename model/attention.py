@@ -52,10 +52,41 @@ def _mask_mod(window: int | None):
     return visible
 
 
+BLOCK = 128  # flex attention's tile: the mask is described block by block
+
+
+def visible_blocks(t: int, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query block, key block) pairs hold some visible and all visible pairs, (t/128, t/128).
+
+    Worked out from the blocks' first and last positions, never from a (t, t) mask: at 64k tokens
+    that mask alone is 4 GB.
+    """
+    n = t // BLOCK
+    blk = torch.arange(n, device=device)
+    q0, q1 = blk[:, None] * BLOCK, blk[:, None] * BLOCK + BLOCK - 1      # first and last query
+    k0, k1 = blk[None, :] * BLOCK, blk[None, :] * BLOCK + BLOCK - 1      # first and last key
+    some, every = k0 <= q1, k1 <= q0                                     # causal: key <= query
+    if window is not None:                                               # and query - key < window
+        some &= q0 - k1 < window
+        every &= q1 - k0 < window
+    return some, every
+
+
 @functools.lru_cache(maxsize=32)
 def _block_mask(t: int, window: int | None, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-    return create_block_mask(_mask_mod(window), B=None, H=None, Q_LEN=t, KV_LEN=t, device=device)
+    from torch.nn.attention.flex_attention import BlockMask
+
+    some, every = visible_blocks(t, window, device)
+    partial = some & ~every
+
+    def listing(m):  # per query block: how many key blocks, and their indices first
+        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+        return m.sum(1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    num, idx = listing(partial)
+    full_num, full_idx = listing(every)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+                                    mask_mod=_mask_mod(window), seq_lengths=(t, t))
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,7 +104,7 @@ def flex_attention_with_sinks(q, k, v, sinks, window: int | None):
     b, t, h, d = q.shape
     # Pad the length to a multiple of flex's 128-row blocks: few distinct shapes to compile, and
     # padded keys sit after every real query, so the causal mask already hides them.
-    tp = -(-t // 128) * 128
+    tp = -(-t // BLOCK) * BLOCK
     q, k, v = (F.pad(x, (0, 0, 0, 0, 0, tp - t)).transpose(1, 2) for x in (q, k, v))  # (b, heads, tp, d)
     mask = _block_mask(tp, window, str(q.device))
     out, lse = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True, return_lse=True)

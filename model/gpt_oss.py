@@ -11,9 +11,18 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .config import GptOssConfig
+from .kernels import cuda_compiled
 from .loss import chunked_cross_entropy
 from .moe import MLP
 from .rope import rotary_cos_sin
+
+
+@cuda_compiled
+def rms_norm(x, weight, eps: float):
+    """In float32: x / sqrt(mean(x^2) + eps) * weight, cast back to x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Block(nn.Module):

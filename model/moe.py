@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GptOssConfig
+from .kernels import cuda_compiled
 
 
 class Router(nn.Module):
@@ -63,6 +64,7 @@ class _SwiGLU(torch.autograd.Function):
         return torch.stack((d_gate, d_up), dim=-1).flatten(-2), None, None
 
 
+@cuda_compiled
 def swiglu(gate_up, alpha: float, limit: float):
     return _SwiGLU.apply(gate_up, alpha, limit)
 
@@ -113,7 +115,9 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)                # (tokens*k,) pairs grouped by expert
         expert = flat[order]
         token = order // k
-        counts_t = torch.bincount(flat, minlength=self.num_experts)
+        # (bincount would read the largest index back to the host: a sync per layer)
+        counts_t = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         offsets = counts_t.cumsum(0).to(torch.int32)
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
         counts = None if use_grouped_kernel(x) else counts_t.tolist()

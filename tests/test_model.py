@@ -140,3 +140,18 @@ def test_swiglu_backward_equals_autograd():
     ref, = torch.autograd.grad(swiglu_reference(x, 1.702, 7.0), x, g)
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: swiglu(t, 1.702, 7.0), (x[1:4].detach().requires_grad_(),))
+
+
+def test_block_mask_by_hand_equals_flex_from_the_dense_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+    from model.attention import _block_mask, _mask_mod
+    for t, window in ((1024, 128), (1024, None), (768, 200), (512, 8)):
+        ours = _block_mask(t, window, "cpu")
+        ref = create_block_mask(_mask_mod(window), None, None, t, t, device="cpu")
+        for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+            assert torch.equal(a, b), (t, window)
+        for num, a, b in ((ours.kv_num_blocks, ours.kv_indices, ref.kv_indices),
+                          (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices)):
+            for row in range(num.shape[-1]):
+                n = int(num[0, 0, row])
+                assert sorted(a[0, 0, row, :n].tolist()) == sorted(b[0, 0, row, :n].tolist())
