@@ -31,6 +31,10 @@ CONFIGS = {  # name -> load_model options
     "emb cpu, nf4 lm_head": {"embedding_device": "cpu", "lm_head_nf4": True},
     "emb cpu, nf4 head, experts by 8": {"embedding_device": "cpu", "lm_head_nf4": True, "experts_per_group": 8},
 }
+FAST = {  # --quick: the default and the 16 GB card's configuration
+    "default": {},
+    "embedding on cpu": {"embedding_device": "cpu"},
+}
 
 
 def load(checkpoint, options):
@@ -103,13 +107,14 @@ def main():
     p.add_argument("--seqs", default="1024,2048,4096,8192")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--variants", default="", help="seqs to rerun under each non-default config")
+    p.add_argument("--quick", action="store_true", help="only the default and embedding-on-cpu configs")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
     if args.compare:
         return compare(*args.compare)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "loads": [], "runs": []}
-    for name, options in CONFIGS.items():
+    for name, options in (FAST if args.quick else CONFIGS).items():
         seqs = args.seqs if name == "default" else args.variants
         if not seqs:
             continue
@@ -121,6 +126,8 @@ def main():
         opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=1e-4, fused=True)
         result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name)
         del model, opt
+        with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured
+            json.dump(result, f, indent=1)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

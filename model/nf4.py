@@ -6,10 +6,10 @@ matrix product. Neither keeps the dequantised weight for the backward: it is reb
 """
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .moe import Experts, grouped_matmul, use_grouped_kernel
 
@@ -33,8 +33,25 @@ class NF4Tensor:
         return self.packed.numel() + sum(t.numel() * t.element_size() for t in extra)
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T + b with W in NF4; the backward dequantises W again rather than keeping it.
+
+    (bitsandbytes' matmul_4bit does the same arithmetic; this is lighter on the host, which at
+    short sequences is what bounds the step.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Tensor, bias):
+        ctx.w = w
+        return F.linear(x, w.dequantize(), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.w.dequantize(), None, None              # W and its bias are frozen
+
+
 class NF4Linear(nn.Module):
-    """y = x W^T + b with W frozen in NF4 (bitsandbytes' 4-bit matmul; its backward dequantises again)."""
+    """y = x W^T + b with W frozen in NF4."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
@@ -49,7 +66,7 @@ class NF4Linear(nn.Module):
     def forward(self, x):
         w = self.weight_nf4
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bnb.matmul_4bit(x.to(w.dtype), w.packed.t(), quant_state=w.state, bias=bias)
+        return _NF4Matmul.apply(x.to(w.dtype), w, bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_nf4.dequantize()
