@@ -134,25 +134,6 @@ def test_lora_experts_match_the_per_expert_reference(tiny_model, tmp_path, stora
         assert ex.lora_A[m].grad.abs().sum() > 0 and ex.lora_B[m].grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm runs on CUDA")
-@pytest.mark.parametrize("rank", [4, 16])
-def test_lora_experts_grouped_kernel_in_bf16_on_cuda(tiny_config, rank):
-    # the path training takes: one grouped kernel per product (rank 4 is padded to the kernel's 8)
-    torch.manual_seed(0)
-    model = GptOss(tiny_config).cuda().to(torch.bfloat16)
-    inject(model, targets=["experts"], rank=rank, verbose=False)
-    randomize(model)
-    ex = model.model.layers[1].mlp.experts
-    x = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16) * 3
-    weights = torch.softmax(torch.randn(300, 2, device="cuda"), -1)
-    idx = torch.randint(0, 8, (300, 2), device="cuda")
-    got = ex(x, weights, idx)
-    got.float().pow(2).sum().backward()
-    want = per_expert_reference(ex, x.float(), weights, idx)
-    assert (got.float() - want).norm() / want.norm() < 0.02      # bf16 rounding (measured 0.0065 on H100)
-    assert ex.lora_B["down_proj"].grad.dtype == torch.float32
-
-
 def test_router_lora_changes_the_logits_by_the_low_rank_term(tiny_model):
     inject(tiny_model, targets=["router"], rank=2, alpha=4, verbose=False)
     randomize(tiny_model, scale=0.5)
