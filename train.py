@@ -1,0 +1,543 @@
+"""QLoRA fine-tuning of gpt-oss: a frozen NF4 base, a LoRA adapter, and the loop in plain sight.
+
+    python train.py --rank 16                     # gpt-oss-20b on JailbreakHub; a CUDA GPU of 16 GB
+    python train.py --model tiny                  # a small random model on a built-in task; CPU, < 1 min
+    python train.py --resume auto                 # continue from the newest checkpoint in --output-dir
+
+One optimizer step is --grad-accum micro-batches of --micro-batch-size examples; its loss is the mean
+over every answer token of the step, however the step is split. Checkpoints are safetensors + JSON
+in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import encode_split, make_batches, prepare, read_split, special_id, tiny_tokenizer, load_tokenizer
+from data.synthetic import write_synthetic
+from eval import evaluate, format_table
+from eval.report import change
+from lora import inject, load_adapter, lora_parameters, save_adapter
+from model import GptOss, GptOssConfig, load_model
+from model.loading import CheckpointError
+
+DEFAULT_DATA = "walledai/JailbreakHub"
+IGNORE = -100  # the label of positions that are not trained (model/loss.py)
+
+
+def option(default, help: str, type=None):
+    """A TrainConfig field with its command-line help (and its type where the default is None)."""
+    return field(default=default, metadata={"help": help, "type": type})
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = option("openai/gpt-oss-20b", "hub id or local folder of a gpt-oss checkpoint (BF16 or "
+                        "MXFP4); 'tiny' builds a small random model, no download, CPU is enough")
+    data: str | None = option(None, "hub id, a json/jsonl/csv/parquet file, or a folder holding train.jsonl and "
+                       "val.jsonl; 'synthetic' is a small built-in task. Default: " + DEFAULT_DATA
+                       + ", or synthetic with --model tiny", type=str)
+    n_examples: int = option(400, "examples drawn from --data when it is prepared here (half of each class)")
+    output_dir: str = option("runs/qlora", "folder for checkpoints, the prepared data, metrics.jsonl and adapter/")
+    # the adapter
+    rank: int = option(16, "LoRA rank r")
+    alpha: float | None = option(None, "LoRA alpha: the update is scaled by alpha / rank (default: alpha = rank)",
+                          type=float)
+    dropout: float = option(0.05, "dropout on the input of each LoRA update, in training")
+    targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated modules to adapt: q_proj, k_proj, "
+                          "v_proj, o_proj, router, experts, gate_up_proj, down_proj, or regular "
+                          "expressions over full module names")
+    # the optimisation
+    lr: float = option(2e-4, "peak learning rate of AdamW")
+    warmup_steps: int = option(10, "optimizer steps of linear warm-up to --lr; then a cosine decay")
+    min_lr_ratio: float = option(0.0, "the cosine ends at lr * this, at the last step of the last epoch")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay on the adapter")
+    max_grad_norm: float = option(1.0, "clip the adapter's gradient to this norm (0: no clipping)")
+    epochs: int = option(3, "passes over the training split")
+    micro_batch_size: int = option(2, "examples per forward/backward pass")
+    grad_accum: int = option(4, "micro-batches per optimizer step")
+    max_seq_len: int = option(4096, "longest example in tokens; longer prompts are cut in the middle")
+    seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
+                       "tiny model's weights)")
+    gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
+    embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.2 GB of GPU memory)")
+    max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs); the learning-rate "
+                            "schedule still spans all epochs")
+    max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
+    # evaluation, logging, checkpoints
+    eval_every: int = option(0, "evaluate on val.jsonl every N steps (0: only at the end)")
+    eval_batch_size: int = option(8, "prompts per forward pass in evaluation")
+    eval_base: bool = option(False, "evaluate the base model before training, as a column of the eval table")
+    threshold: float = option(0.5, "P(jailbreak) at or above which a prompt counts as a jailbreak")
+    log_every: int = option(1, "write a metrics.jsonl line every N steps")
+    save_every: int = option(50, "checkpoint every N steps (0: only at the end); always at the end")
+    keep_last: int = option(2, "checkpoints kept (0: all); older ones are deleted")
+    resume: str | None = option(None, "a checkpoint folder, or 'auto' for the newest in --output-dir", type=str)
+
+
+# Fields that may change between a run and its resumption: they do not change what is computed
+# (gradient checkpointing and the embedding's device give the same math; bits may differ).
+FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
+                  "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
+                  "embedding_on_cpu"}
+
+NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
+          "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
+          "Without a GPU, try the small random model: python train.py --model tiny")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        return train(config)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without saving
+        print(f"interrupted; nothing saved since the last checkpoint in {config.output_dir}", file=sys.stderr)
+        return 130
+
+
+def train(config: TrainConfig) -> int:
+    """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
+    check(config)
+    tiny = config.model == "tiny"
+    if config.data is None:
+        config.data = "synthetic" if tiny else DEFAULT_DATA
+    if config.alpha is None:
+        config.alpha = float(config.rank)
+    print("config:\n" + "\n".join(f"  {k:<24} {v}" for k, v in dataclasses.asdict(config).items()))
+    if not tiny and not torch.cuda.is_available():
+        raise UsageError(NO_GPU.format(model=config.model))
+    resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- the model: frozen base (NF4 on GPU), then the adapter
+    torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tiny:
+        model = GptOss(GptOssConfig.from_name("tiny")).to(device)  # float32
+        tokenizer = tiny_tokenizer()
+    else:
+        with user_errors(f"cannot load the model {config.model!r}"):
+            model = load_model(config.model, quantize="nf4", device="cuda", dtype=torch.bfloat16,
+                               embedding_device="cpu" if config.embedding_on_cpu else None)
+            tokenizer = load_tokenizer(config.model)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    with user_errors("cannot put LoRA into the model"):
+        inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
+    params = [p for _, p in lora_parameters(model)]
+
+    # --- the data: train.jsonl / val.jsonl, encoded with loss masks
+    train_set, val_set, fingerprint = load_data(config, tokenizer)
+    pad_id = special_id(tokenizer, "<|endoftext|>")
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.micro_batch_size) / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+
+    # --- the optimizer, on the adapter only
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    progress = {"step": 0, "epoch": 0, "batch": 0, "skipped_steps": 0, "bad_in_a_row": 0,
+                "tokens": 0, "target_tokens": 0, "base_metrics": None}
+    metrics_path = out / "metrics.jsonl"
+    if resume_from is not None:
+        progress = load_checkpoint(resume_from, model, optimizer, fingerprint)
+        keep_metrics_until(metrics_path, progress["step"])
+        print(f"resumed from {resume_from}: step {progress['step']} of {total_steps}, epoch "
+              f"{progress['epoch']}, batch {progress['batch']}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        if config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
+            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path)
+    print(f"{len(train_set)} training examples, {config.micro_batch_size} x {config.grad_accum} per step: "
+          f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
+
+    # --- the loop
+    stop = {"signal": None}  # set by SIGINT/SIGTERM: finish the step, save, exit
+    restore_signals = catch_signals(stop)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True)
+    saved_at = progress["step"] if resume_from is not None else None
+    evaluated_at, metrics = None, None
+    model.train()
+    try:
+        for epoch, next_batch, micro_batches in optimizer_steps(train_set, config, pad_id,
+                                                                progress["epoch"], progress["batch"]):
+            if config.max_steps and progress["step"] >= config.max_steps:
+                tqdm.write(f"--max-steps {config.max_steps} reached")
+                break
+            start = time.perf_counter()
+            lr = learning_rate(progress["step"], total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, target_tokens = accumulate(model, micro_batches)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                progress["bad_in_a_row"] = 0
+            else:  # the update is dropped; the data and the schedule move on
+                progress["skipped_steps"] += 1
+                progress["bad_in_a_row"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(int((ids != pad_id).sum()) for ids, _ in micro_batches)
+            seconds = time.perf_counter() - start
+            progress.update(step=progress["step"] + 1, epoch=epoch, batch=next_batch,
+                            tokens=progress["tokens"] + tokens,
+                            target_tokens=progress["target_tokens"] + target_tokens)
+            step = progress["step"]
+
+            # log
+            record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                      "grad_norm": grad_norm.item(), "target_tokens": target_tokens, "tokens": tokens,
+                      "tokens_per_second": tokens / seconds, "skipped": not finite,
+                      "skipped_steps": progress["skipped_steps"]}
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / seconds:.0f}"}
+            if device.type == "cuda":
+                postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if step % config.log_every == 0 or not finite:
+                log(metrics_path, {k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
+                                   for k, v in record.items()})
+            if not finite:
+                tqdm.write(f"step {step}: non-finite loss ({record['loss']}) or gradient norm "
+                           f"({record['grad_norm']}); step skipped ({progress['bad_in_a_row']} in a row)")
+                if progress["bad_in_a_row"] >= config.max_bad_steps:
+                    last = latest_checkpoint(out)
+                    tqdm.write(f"error: {progress['bad_in_a_row']} steps in a row had a non-finite loss or "
+                               "gradient, so the run stops. Lower --lr or --max-grad-norm, or check the data; "
+                               f"the last good checkpoint is {last or 'none (no checkpoint was saved)'}",
+                               file=sys.stderr)
+                    return 1
+
+            # evaluate, checkpoint
+            if config.eval_every and step % config.eval_every == 0:
+                metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"],
+                                           metrics_path)
+                evaluated_at = step
+            if (config.save_every and step % config.save_every == 0) or stop["signal"] is not None:
+                path = save_checkpoint(out, model, optimizer, progress, config, fingerprint)
+                saved_at = step
+            if stop["signal"] is not None:
+                tqdm.write(f"stopped by {signal.Signals(stop['signal']).name} after step {step}; checkpoint "
+                           f"saved in {path}. Continue with --resume auto")
+                return 128 + stop["signal"]
+    finally:
+        bar.close()
+        restore_signals()
+
+    # --- the end: checkpoint, adapter, evaluation
+    step = progress["step"]
+    path = save_checkpoint(out, model, optimizer, progress, config, fingerprint) if saved_at != step else \
+        checkpoint_path(out, step)
+    save_adapter(model, str(out / "adapter"))
+    if evaluated_at != step:
+        metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path)
+    print(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
+          f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- one step
+def accumulate(model, micro_batches) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (mean loss, target tokens).
+
+    Each micro-batch's summed loss is divided by the target-token count of the WHOLE step, so the
+    gradient is that of the mean over all the step's answer tokens: micro-batch 1 x accumulation 4
+    gives the same update as micro-batch 4 x accumulation 1, however many tokens each example has.
+    """
+    # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
+    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro_batches)
+    assert step_tokens > 0, "a step without a single target token: every answer was masked"
+    loss_sum = torch.zeros(())
+    for input_ids, labels in micro_batches:  # (batch, seq) each
+        total, _ = model.loss(input_ids, labels, reduction="sum")
+        (total / step_tokens).backward()
+        loss_sum = loss_sum + total.detach().float().cpu()
+    return loss_sum / step_tokens, step_tokens
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate of 0-based optimizer step `step`: linear warm-up, then cosine to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, batch: int):
+    """(epoch, index of the next micro-batch, micro-batches) of each optimizer step from (epoch, batch) on.
+
+    An epoch's batches depend only on (seed, epoch), so a resumed run rebuilds them and skips those
+    done. The last step of an epoch takes what is left (fewer micro-batches); steps never span epochs.
+    """
+    for e in range(epoch, config.epochs):
+        batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
+        for first in range(batch if e == epoch else 0, len(batches), config.grad_accum):
+            chunk = batches[first:first + config.grad_accum]
+            yield e, first + len(chunk), chunk
+
+
+# ----------------------------------------------------------------------------- evaluation and logging
+def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, base: dict | None,
+                     metrics_path: Path) -> dict:
+    """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
+    metrics = evaluate(model, tokenizer, val_set, batch_size=config.eval_batch_size,
+                       threshold=config.threshold, max_len=config.max_seq_len)
+    name = "base" if step == 0 and base is None else f"step {step}"
+    columns = {name: metrics}
+    if base is not None:
+        columns = {"base": base, name: metrics, "change": change(base, metrics)}
+    tqdm.write(f"validation ({len(val_set)} examples) at step {step}:\n{format_table(columns)}")
+    log(metrics_path, {"kind": "eval", "step": step, **metrics})
+    return metrics
+
+
+def log(metrics_path: Path, record: dict):
+    """Append one JSON line to metrics.jsonl."""
+    with open(metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(metrics_path: Path, step: int):
+    """On resume: drop the lines of steps after the checkpoint, which the resumed run writes again."""
+    if not metrics_path.is_file():
+        return
+    lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(config: TrainConfig, tokenizer) -> tuple[list, list[dict], str]:
+    """(encoded training examples, validation examples, fingerprint of both files).
+
+    --data is used as is when it is a folder holding train.jsonl and val.jsonl; otherwise it is
+    prepared (deterministically, with the seed) into <output-dir>/data.
+    """
+    source, folder = config.data, Path(config.data).expanduser()
+    with user_errors(f"cannot use the data {source!r}"):
+        if source == "synthetic":
+            folder = Path(config.output_dir) / "data"
+            counts = write_synthetic(str(folder), seed=config.seed)
+            print(f"built-in synthetic task: {counts['train']} train, {counts['val']} val -> {folder}")
+        elif not (folder.is_dir() and (folder / "train.jsonl").is_file()):
+            folder = Path(config.output_dir) / "data"
+            prepare(source, str(folder), n=config.n_examples, seed=config.seed)
+        train_examples = read_split(str(folder / "train.jsonl"))
+        val_set = read_split(str(folder / "val.jsonl"))
+        train_set, n_cut = encode_split(tokenizer, train_examples, config.max_seq_len)
+    digest = hashlib.sha256()
+    for name in ("train.jsonl", "val.jsonl"):
+        digest.update((folder / name).read_bytes())
+    lengths = sorted(len(ids) for ids, _ in train_set)
+    print(f"data {folder}: {len(train_set)} train, {len(val_set)} val; train tokens per example: median "
+          f"{lengths[len(lengths) // 2]}, longest {lengths[-1]}; {n_cut} prompts cut to --max-seq-len "
+          f"{config.max_seq_len}")
+    return train_set, val_set, digest.hexdigest()
+
+
+@contextlib.contextmanager
+def user_errors(what: str):
+    """Errors about what the user pointed us at (files, hub ids, settings) become one clear UsageError."""
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
+        raise UsageError(f"{what}: {error}") from error
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# <output-dir>/checkpoint-<step>/
+#     adapter_model.safetensors, adapter_config.json    the adapter, PEFT's layout (lora.save_adapter)
+#     optimizer.safetensors                              AdamW state: state.<param index>.<name>
+#     rng.safetensors                                    torch_cpu, cuda.<device>: generator states (uint8)
+#     trainer_state.json                                 progress, data position, schedule, param_groups, config
+# No pickle anywhere: loading a checkpoint never runs code.
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out / f"checkpoint-{step}"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in out, oldest first (the temporary folders start with '.')."""
+    found = []
+    for path in out.glob("checkpoint-*") if out.is_dir() else []:
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, model, optimizer, progress: dict, config: TrainConfig, fingerprint: str) -> Path:
+    """Write checkpoint-<step> into a temporary folder and rename it into place; keep the last --keep-last."""
+    step = progress["step"]
+    final, tmp = checkpoint_path(out, step), out / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+    save_adapter(model, str(tmp))
+    opt = optimizer.state_dict()
+    save_file({f"state.{index}.{name}": value.detach().cpu().contiguous()
+               for index, state in opt["state"].items() for name, value in state.items()},
+              str(tmp / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    trainer_state = {
+        "progress": progress,  # step, data position (epoch, next batch), counters
+        "scheduler": {"kind": "linear warm-up, then cosine", "step": step},  # lr is a function of the step
+        "param_groups": opt["param_groups"],
+        "config": dataclasses.asdict(config),
+        "data_fingerprint": fingerprint,
+        "torch": torch.__version__,
+    }
+    with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
+        json.dump(trainer_state, f, indent=1)
+    if final.exists():  # the same step saved by an earlier attempt of this run
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if config.keep_last:
+        for old in list_checkpoints(out)[:-config.keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def read_trainer_state(folder: Path) -> dict:
+    path = Path(folder) / "trainer_state.json"
+    if not path.is_file():
+        raise UsageError(f"{folder} is not a checkpoint: it has no trainer_state.json. Pass a "
+                         "checkpoint-<step> folder written by train.py, or --resume auto")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def find_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses one whose run was configured otherwise."""
+    out = Path(config.output_dir)
+    if config.resume is None:
+        if list_checkpoints(out):
+            raise UsageError(f"{out} already holds checkpoints ({', '.join(p.name for p in list_checkpoints(out))}); "
+                             "continue that run with --resume auto, or choose another --output-dir")
+        return None
+    if config.resume == "auto":
+        folder = latest_checkpoint(out)
+        if folder is None:
+            print(f"--resume auto: no checkpoint in {out}; starting fresh")
+            return None
+    else:
+        folder = Path(config.resume)
+    saved = read_trainer_state(folder)["config"]
+    differ = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+              for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved.get(k) != v]
+    if differ:
+        raise UsageError(f"cannot resume from {folder}: the run there was configured differently:\n  "
+                         + "\n  ".join(differ) + "\nResume with the checkpoint's settings, or start a new "
+                         "run in another --output-dir")
+    return folder
+
+
+def load_checkpoint(folder: Path, model, optimizer, fingerprint: str) -> dict:
+    """Restore adapter, optimizer, RNG states; return the progress (step, data position, counters)."""
+    state = read_trainer_state(folder)
+    if state["data_fingerprint"] != fingerprint:
+        raise UsageError(f"cannot resume from {folder}: train.jsonl / val.jsonl differ from the data that "
+                         "run trained on. Resume with the same --data, or start a new run")
+    with user_errors(f"cannot resume from {folder}"):
+        load_adapter(model, str(folder))
+    opt_state: dict[int, dict] = {}
+    for key, value in load_file(str(Path(folder) / "optimizer.safetensors")).items():
+        _, index, name = key.split(".", 2)
+        opt_state.setdefault(int(index), {})[name] = value
+    groups = [dict(group, betas=tuple(group["betas"])) for group in state["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    rng = load_file(str(Path(folder) / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    return state["progress"]
+
+
+# ----------------------------------------------------------------------------- signals
+def catch_signals(stop: dict):
+    """SIGINT/SIGTERM set stop["signal"] (a second one interrupts at once); returns a function to undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # handlers can only be set from the main thread
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                   "(send it again to stop at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None) -> TrainConfig:
+    """The command line, one flag per TrainConfig field (--micro-batch-size for micro_batch_size)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        else:
+            default = "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
+                                help=help + default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def check(config: TrainConfig):
+    """Ranges of the settings, all problems in one message."""
+    problems = []
+    for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
+                 "log_every", "max_bad_steps", "n_examples"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",
+                 "keep_last"):
+        if getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative, not {getattr(config, name)}")
+    if not config.lr > 0:
+        problems.append(f"--lr must be positive, not {config.lr}")
+    if not 0 <= config.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        problems.append(f"--min-lr-ratio must be in [0, 1], not {config.min_lr_ratio}")
+    if not 0 < config.threshold < 1:
+        problems.append(f"--threshold must be between 0 and 1, not {config.threshold}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
