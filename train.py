@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import encode_split, make_batches, prepare, read_split, special_id, tiny_tokenizer, load_tokenizer
-from data.synthetic import write_synthetic
+from data import (encode_split, load_tokenizer, make_batches, prepare, read_split, special_id, tiny_tokenizer,
+                  write_synthetic)
 from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter

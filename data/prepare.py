@@ -103,6 +103,19 @@ def read_source(source: str, prompt_column: str = "prompt", label_column: str = 
     return pairs, counts
 
 
+def write_splits(out_dir, train: list[tuple[str, bool]], val: list[tuple[str, bool]]) -> Path:
+    """train.jsonl and val.jsonl in out_dir: one chat (user prompt, assistant label word) per line."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for file_name, rows in (("train.jsonl", train), ("val.jsonl", val)):
+        with open(out / file_name, "w", encoding="utf-8") as f:
+            for prompt, label in rows:
+                messages = [{"role": "user", "content": prompt},
+                            {"role": "assistant", "content": LABELS[label]}]
+                f.write(json.dumps({"messages": messages, "label": label}, ensure_ascii=False) + "\n")
+    return out
+
+
 def prepare(source: str, out_dir: str, n: int = 400, seed: int = 0, val_fraction: float = 0.2,
             prompt_column: str = "prompt", label_column: str = "jailbreak",
             split: str = "train") -> dict:
@@ -144,14 +157,7 @@ def prepare(source: str, out_dir: str, n: int = 400, seed: int = 0, val_fraction
     rng.shuffle(train)
     rng.shuffle(val)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for file_name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-        with open(out / file_name, "w", encoding="utf-8") as f:
-            for prompt, label in rows:
-                messages = [{"role": "user", "content": prompt},
-                            {"role": "assistant", "content": LABELS[label]}]
-                f.write(json.dumps({"messages": messages, "label": label}, ensure_ascii=False) + "\n")
+    out = write_splits(out_dir, train, val)
     print(f"{source}: {counts['rows']} rows, dropped {counts['empty']} empty and {counts['duplicates']} "
           f"duplicate prompts ({counts['conflicting']} prompts with conflicting labels dropped entirely); "
           f"{counts['unique_jailbreak']} jailbreak and {counts['unique_benign']} benign unique prompts")

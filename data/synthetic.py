@@ -4,11 +4,9 @@ requests, written as train.jsonl / val.jsonl in prepare's format. No download, s
     python train.py --model tiny            # trains on it (--data synthetic says so explicitly)
 """
 
-import json
 import random
-from pathlib import Path
 
-from data.harmony import LABELS
+from data.prepare import write_splits
 
 # Every jailbreak opens with one of these and asks for one of the demands; benign prompts never use
 # them. The phrases are in the tiny tokenizer's corpus, so they are a few tokens each.
@@ -81,12 +79,5 @@ def write_synthetic(out_dir: str, n_train: int = 64, n_val: int = 32, seed: int 
     rng = random.Random(f"synthetic-order/{seed}")
     rng.shuffle(train)
     rng.shuffle(val)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for file_name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-        with open(out / file_name, "w", encoding="utf-8") as f:
-            for prompt, label in rows:
-                messages = [{"role": "user", "content": prompt},
-                            {"role": "assistant", "content": LABELS[label]}]
-                f.write(json.dumps({"messages": messages, "label": label}, ensure_ascii=False) + "\n")
+    write_splits(out_dir, train, val)
     return {"train": len(train), "val": len(val)}
