@@ -271,11 +271,11 @@ def accumulate(model, micro_batches) -> tuple[torch.Tensor, int]:
     # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
     step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro_batches)
     assert step_tokens > 0, "a step without a single target token: every answer was masked"
-    loss_sum = torch.zeros(())
+    loss_sum = 0.0
     for input_ids, labels in micro_batches:  # (batch, seq) each
         total, _ = model.loss(input_ids, labels, reduction="sum")
         (total / step_tokens).backward()
-        loss_sum = loss_sum + total.detach().float().cpu()
+        loss_sum = loss_sum + total.detach().float()  # stays on the device: no sync per micro-batch
     return loss_sum / step_tokens, step_tokens
 
 

@@ -113,10 +113,9 @@ class GptOss(nn.Module):
         reduction "mean" gives the mean; "sum" gives (summed loss, number of target tokens), so that
         a step can normalise over all its micro-batches.
         """
-        total, count = chunked_cross_entropy(self.lm_head, self.hidden_states(input_ids),
-                                             labels.to(self.model.norm.weight.device))
+        total, count = chunked_cross_entropy(self.lm_head, self.hidden_states(input_ids), labels)
         if reduction == "sum":
             return total, count
         if reduction != "mean":
             raise ValueError(f"reduction must be mean or sum, not {reduction!r}")
-        return total / count.clamp(min=1)
+        return total / count.clamp(min=1).to(total.device)

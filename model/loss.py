@@ -25,11 +25,14 @@ def chunked_cross_entropy(head, hidden, labels, chunk_size: int = 256):
     each position, not shifted: position i predicts labels[i + 1]; -100 marks positions not trained.
     `head` maps (rows, dim) to logits (rows, vocab). A chunk of 256 rows of 201,088 logits is about
     0.2 GB in float32; the cross-entropy holds three or four such at once.
+
+    The target rows are found where the labels live: labels left on the CPU cost the GPU no sync.
     """
     targets = labels[:, 1:].reshape(-1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     keep = targets != IGNORE
-    h, targets = h[keep], targets[keep]                         # (targets, dim), (targets,)
+    rows_kept = keep.nonzero().squeeze(1)                       # on labels' device
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows_kept.to(hidden.device))
+    targets = targets[rows_kept].to(hidden.device)              # (targets, dim), (targets,)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
         rows = slice(start, start + chunk_size)

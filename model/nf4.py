@@ -17,7 +17,11 @@ BLOCKSIZE = 64
 
 
 class NF4Tensor:
-    """A frozen tensor in NF4: the packed codes (a buffer of its owner) and bitsandbytes' QuantState."""
+    """A frozen tensor in NF4: the packed codes and bitsandbytes' QuantState.
+
+    Neither is a registered buffer, so `Module.to` does not move them: NF4 weights stay on the device
+    they were quantised on (load_model quantises them where they are to be used).
+    """
 
     def __init__(self, weight: torch.Tensor, compute_dtype=torch.bfloat16):
         self.shape, self.dtype = tuple(weight.shape), compute_dtype
@@ -65,7 +69,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x):
         w = self.weight_nf4
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(w.dtype)
         return _NF4Matmul.apply(x.to(w.dtype), w, bias)
 
     def dequantized_weight(self) -> torch.Tensor:
