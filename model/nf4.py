@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import nf4_gemm
 from .moe import Experts, grouped_matmul, use_grouped_kernel
 
 BLOCKSIZE = 64
@@ -124,6 +125,21 @@ class _GroupedNF4(torch.autograd.Function):
         return dx, None, None, None
 
 
+class _FusedNF4(torch.autograd.Function):
+    """x @ W[e] + bias[e] with the dequantisation inside the product (model/nf4_gemm.py), both ways."""
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Tensor, offsets, bias):
+        ctx.w = w
+        ctx.save_for_backward(offsets)
+        return nf4_gemm.grouped_mm(x, w, offsets, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (offsets,) = ctx.saved_tensors
+        return nf4_gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None
+
+
 class NF4Experts(Experts):
     """The experts of one layer with gate_up_proj and down_proj in NF4.
 
@@ -149,8 +165,11 @@ class NF4Experts(Experts):
 
     def _project(self, name, x, expert, counts, offsets):
         ws = self.nf4[name]
-        y = _GroupedNF4.apply(x.to(ws[0].dtype), ws, counts, offsets)
-        return y + getattr(self, name + "_bias")[expert].to(y.dtype)
+        x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
+        if len(ws) == 1 and nf4_gemm.available(x):  # one kernel each way, no bf16 copy of the weights
+            return _FusedNF4.apply(x.contiguous(), ws[0], offsets, bias.to(x.dtype))
+        y = _GroupedNF4.apply(x, ws, counts, offsets)
+        return y + bias[expert].to(y.dtype)
 
     def gate_up(self, x, expert, counts, offsets):
         return self._project("gate_up_proj", x, expert, counts, offsets)

@@ -1,0 +1,186 @@
+"""Grouped matrix products read straight from NF4 weights (Triton, CUDA).
+
+The plain route for an NF4 expert projection is: dequantise all the layer's experts to bf16 (1 GB
+for gpt-oss-20b's gate_up_proj), then one grouped product. The dequantisation is pure memory
+traffic, done three times a step (forward, recomputation, backward), and the bf16 copy is the
+largest transient of the step. These kernels instead dequantise each weight tile in registers as
+the product needs it: the weights are read at 4 bits and no bf16 copy exists.
+
+Rows of x are sorted by expert; `offsets` holds the cumulative row counts (int32, on the GPU). The
+tile grid is sized for the worst case (every expert ending in a partial tile) and each program finds
+its expert and rows from the offsets, so nothing is read back to the host. The weight layout is
+the hub's, (experts, in, out), quantised by bitsandbytes in blocks of 64 along `out`: byte b holds
+elements 2b (high nibble) and 2b + 1 (low nibble), and a block's scale is its fp32 absmax.
+
+    grouped_mm(x, w, offsets, bias)      y[r] = x[r] @ W[e] + bias[e]    for rows r of expert e
+    grouped_mm_t(dy, w, offsets)         dx[r] = dy[r] @ W[e]^T          (the input's gradient)
+
+Each result is the same as dequantising and multiplying: the weights come out bit-identical to
+bitsandbytes' dequantisation, only the order of the fp32 sums differs (tests/test_nf4_gemm.py runs
+the kernels in Triton's interpreter on the CPU; bench/tune_nf4_gemm.py and check_cuda.py on the GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import bitsandbytes.functional as bnbf
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton; the dequantise-then-multiply path runs
+    triton = None
+
+BLOCKSIZE = 64  # bitsandbytes' block along the contiguous dim; the tiles below keep to whole blocks
+
+
+def available(x: torch.Tensor) -> bool:
+    """The kernels run on CUDA in bf16, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1: the tests)."""
+    if triton is None:
+        return False
+    return (x.is_cuda and x.dtype == torch.bfloat16) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def scales(w) -> torch.Tensor:
+    """The fp32 absmax of each block of 64, undoing the double quantisation as bitsandbytes does."""
+    s = w.state
+    if not s.nested:
+        return s.absmax.float()
+    return bnbf.dequantize_blockwise(s.absmax, s.state2) + s.offset
+
+
+if triton is not None:
+    @triton.jit
+    def _find_tile(offsets_ptr, num_experts, tile, BM: tl.constexpr):
+        """Which expert owns row tile `tile`, and its rows [first, end); expert -1 past the last tile."""
+        expert = -1
+        first = 0
+        end = 0
+        seen = 0      # tiles of the experts before e
+        start = 0     # first row of expert e
+        for e in range(num_experts):
+            stop = tl.load(offsets_ptr + e)
+            n = (stop - start + BM - 1) // BM
+            mine = (tile >= seen) & (tile < seen + n)
+            expert = tl.where(mine, e, expert)
+            first = tl.where(mine, start + (tile - seen) * BM, first)
+            end = tl.where(mine, stop, end)
+            seen += n
+            start = stop
+        return expert, first, end
+
+    @triton.jit
+    def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
+        """W[expert][ks, n0:n0+BN] in `dtype` as two halves: the even columns and the odd ones.
+
+        Each level times its block's scale in fp32, then rounded: bitsandbytes' own arithmetic, so the
+        weights are bit-identical to its dequantisation.
+        """
+        BK: tl.constexpr = ks.shape[0]
+        row = expert.to(tl.int64) * K + ks                            # rows of the (experts * in, out) matrix
+        j = tl.arange(0, BN // 2)                                     # byte columns: elements n0+2j, n0+2j+1
+        ok = k_ok[:, None] & (j[None, :] < (N - n0) // 2)
+        byte = tl.load(packed_ptr + (row * (N // 2) + n0 // 2)[:, None] + j[None, :], mask=ok, other=0)
+        b = tl.arange(0, BN // 64)                                    # the tile's blocks of 64, per row
+        scale = tl.load(absmax_ptr + (row * (N // 64) + n0 // 64)[:, None] + b[None, :],
+                        mask=k_ok[:, None] & (n0 + 64 * b[None, :] < N), other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BK, BN // 64, 32)), (BK, BN // 2))
+        byte = byte.to(tl.int32)
+        code = tl.load(code_ptr + tl.arange(0, 16))                   # the 16 NF4 levels
+        hi = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BK * BN // 2,)), 0), (BK, BN // 2)) * scale
+        lo = tl.reshape(tl.gather(code, tl.reshape(byte & 15, (BK * BN // 2,)), 0), (BK, BN // 2)) * scale
+        return hi.to(dtype), lo.to(dtype)                             # columns n0 + 2j and n0 + 2j + 1
+
+
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr,
+                           K, N, num_experts, HAS_BIAS: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile
+        n_tiles = (N + BN - 1) // BN
+        tile_m, tile_n = tl.program_id(0) // n_tiles, tl.program_id(0) % n_tiles
+        expert, first, end = _find_tile(offsets_ptr, num_experts, tile_m, BM)
+        if expert < 0:
+            return
+        rows = first + tl.arange(0, BM)
+        cols = tile_n * BN + tl.arange(0, BN)
+        row_ok, col_ok = rows < end, cols < N
+        even = tl.full((BM, BN // 2), 0.0, tl.float32)    # the tile's even and odd columns: the weights'
+        odd = tl.full((BM, BN // 2), 0.0, tl.float32)     # two nibbles of a byte, never interleaved per step
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N,
+                                   x.dtype, BN)
+            even = tl.dot(x, hi, even)
+            odd = tl.dot(x, lo, odd)
+        acc = tl.reshape(tl.join(even, odd), (BM, BN))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
+                             K, N, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+        # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N
+        k_tiles = (K + BK - 1) // BK
+        tile_m, tile_k = tl.program_id(0) // k_tiles, tl.program_id(0) % k_tiles
+        expert, first, end = _find_tile(offsets_ptr, num_experts, tile_m, BM)
+        if expert < 0:
+            return
+        rows = first + tl.arange(0, BM)
+        ks = tile_k * BK + tl.arange(0, BK)
+        row_ok, k_ok = rows < end, ks < K
+        acc = tl.full((BM, BK), 0.0, tl.float32)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                         mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dy.dtype, BN)
+            w = tl.reshape(tl.join(hi, lo), (BK, BN))                 # hi, lo, hi, lo... as dy's columns
+            acc = tl.dot(dy, tl.trans(w), acc)
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & k_ok[None, :])
+
+
+# Tile sizes chosen on an H100 with bench/tune_nf4_gemm.py at 8192 rows (docs/BENCHMARKS.md); the
+# contiguous dim's tiles hold whole blocks of 64. The interpreter takes any.
+TILES = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}    # y = x @ W
+TILES_T = {"BM": 256, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}   # dx = dy @ W^T (BN: the sum)
+
+
+def _check(x, w, offsets):
+    e, k, n = w.shape
+    assert x.is_contiguous(), x.stride()
+    assert w.state.blocksize == BLOCKSIZE and n % BLOCKSIZE == 0, (w.state.blocksize, w.shape)
+    assert offsets.dtype == torch.int32 and offsets.numel() == e, (offsets.dtype, offsets.shape)
+    return e, k, n
+
+
+def grouped_mm(x, w, offsets, bias=None):
+    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]), bf16."""
+    e, k, n = _check(x, w, offsets)
+    assert x.shape[1] == k, (x.shape, w.shape)
+    y = x.new_empty(x.shape[0], n)
+    t = TILES
+    grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
+    code = w.state.code.to(device=x.device, dtype=torch.float32)
+    _grouped_mm_kernel[grid](x, w.packed, scales(w), code, offsets, bias if bias is not None else y, y,
+                             k, n, e, HAS_BIAS=bias is not None, **t)
+    return y
+
+
+def grouped_mm_t(dy, w, offsets):
+    """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T, bf16."""
+    e, k, n = _check(dy, w, offsets)
+    assert dy.shape[1] == n, (dy.shape, w.shape)
+    dx = dy.new_empty(dy.shape[0], k)
+    t = TILES_T
+    grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
+    code = w.state.code.to(device=dy.device, dtype=torch.float32)
+    _grouped_mm_t_kernel[grid](dy, w.packed, scales(w), code, offsets, dx, k, n, e, **t)
+    return dx
