@@ -35,6 +35,7 @@ from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter
 from model import GptOss, GptOssConfig, load_model
+from model.cuda_graph import GraphedStep, graph_problem
 from model.loading import CheckpointError
 
 DEFAULT_DATA = "walledai/JailbreakHub"
@@ -60,7 +61,8 @@ class TrainConfig:
     rank: int = option(16, "LoRA rank r")
     alpha: float | None = option(None, "LoRA alpha: the update is scaled by alpha / rank (default: alpha = rank)",
                           type=float)
-    dropout: float = option(0.05, "dropout on the input of each LoRA update, in training")
+    dropout: float = option(0.0, "dropout on the input of each LoRA update, in training (above 0, the step "
+                            "cannot be a CUDA graph)")
     targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated modules to adapt: q_proj, k_proj, "
                           "v_proj, o_proj, router, experts, gate_up_proj, down_proj, or regular "
                           "expressions over full module names")
@@ -77,7 +79,9 @@ class TrainConfig:
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
-    embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.2 GB of GPU memory)")
+    embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory)")
+    cuda_graphs: str = option("auto", "replay each micro-batch's forward and backward as a CUDA graph, far "
+                              "fewer launches from the host: on, off, or auto (on where the model allows it)")
     max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs); the learning-rate "
                             "schedule still spans all epochs")
     max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
@@ -93,10 +97,10 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption: they do not change what is computed
-# (gradient checkpointing and the embedding's device give the same math; bits may differ).
+# (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu"}
+                  "embedding_on_cpu", "cuda_graphs"}
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
           "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
@@ -149,6 +153,7 @@ def train(config: TrainConfig) -> int:
     with user_errors("cannot put LoRA into the model"):
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
     params = [p for _, p in lora_parameters(model)]
+    graphed = step_path(model, params, config.cuda_graphs)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     train_set, val_set, fingerprint = load_data(config, tokenizer)
@@ -191,7 +196,7 @@ def train(config: TrainConfig) -> int:
             lr = learning_rate(progress["step"], total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, target_tokens = accumulate(model, micro_batches)
+            loss, target_tokens = accumulate(model, micro_batches, graphed)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
             if finite:
@@ -216,6 +221,8 @@ def train(config: TrainConfig) -> int:
             postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / seconds:.0f}"}
             if device.type == "cuda":
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+            if graphed is not None:
+                postfix["graphs"] = graphed.captures
             bar.set_postfix(postfix)
             bar.update(1)
             if step % config.log_every == 0 or not finite:
@@ -261,20 +268,37 @@ def train(config: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- one step
-def accumulate(model, micro_batches) -> tuple[torch.Tensor, int]:
+def step_path(model, params, cuda_graphs: str) -> GraphedStep | None:
+    """The GraphedStep that runs each micro-batch, or None for the eager step; says which, and why."""
+    problem = graph_problem(model) if cuda_graphs != "off" else "--cuda-graphs off"
+    if problem is not None and cuda_graphs == "on":
+        raise UsageError(f"--cuda-graphs on, but the step cannot be a CUDA graph: {problem}. "
+                         "Use --cuda-graphs auto or off")
+    if problem is not None:
+        print(f"step: eager, not CUDA graphs ({problem})")
+        return None
+    print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed)")
+    return GraphedStep(model, params)
+
+
+def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tuple[torch.Tensor, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss, target tokens).
 
     Each micro-batch's summed loss is divided by the target-token count of the WHOLE step, so the
     gradient is that of the mean over all the step's answer tokens: micro-batch 1 x accumulation 4
     gives the same update as micro-batch 4 x accumulation 1, however many tokens each example has.
+    With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient.
     """
     # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
     step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro_batches)
     assert step_tokens > 0, "a step without a single target token: every answer was masked"
     loss_sum = 0.0
     for input_ids, labels in micro_batches:  # (batch, seq) each
-        total, _ = model.loss(input_ids, labels, reduction="sum")
-        (total / step_tokens).backward()
+        if graphed is not None:
+            total = graphed.step(input_ids, labels, 1.0 / step_tokens)
+        else:
+            total, _ = model.loss(input_ids, labels, reduction="sum")
+            (total / step_tokens).backward()
         loss_sum = loss_sum + total.detach().float()  # stays on the device: no sync per micro-batch
     return loss_sum / step_tokens, step_tokens
 
@@ -531,6 +555,8 @@ def check(config: TrainConfig):
         problems.append(f"--lr must be positive, not {config.lr}")
     if not 0 <= config.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.cuda_graphs not in ("auto", "on", "off"):
+        problems.append(f"--cuda-graphs must be auto, on or off, not {config.cuda_graphs!r}")
     if not 0 <= config.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], not {config.min_lr_ratio}")
     if not 0 < config.threshold < 1:

@@ -2,9 +2,11 @@
 
 Reports load time and memory, then per sequence length (micro-batch 1, LoRA rank 16 on q/k/v/o,
 gradient checkpointing): tokens/s (median step after warm-up) and peak allocated/reserved GPU memory,
-going up the lengths until one no longer fits. Writes JSON to --out.
+going up the lengths until one no longer fits. Writes JSON to --out. --graphs replays each step's
+forward and backward as a CUDA graph (model/cuda_graph.py); the first step of a length captures it.
     python bench/make_checkpoint.py /tmp/ck
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --out $OUT/ours.json
+    python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --quick --graphs --out $OUT/graphs.json
     python bench/bench.py --compare $OUT/ours.json $OUT/hf_peft_baseline.json
 """
 import argparse
@@ -20,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora import inject, lora_parameters  # noqa: E402
 from model import load_model  # noqa: E402
+from model.cuda_graph import GraphedStep, graph_problem  # noqa: E402
 from model.nf4 import nf4_bytes  # noqa: E402
 
 GiB = 2 ** 30
@@ -52,14 +55,19 @@ def load(checkpoint, options):
     return model, r
 
 
-def step_time(model, opt, seq, steps):
+def step_time(model, opt, seq, steps, graphed=None):
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
+    labels = ids.cpu()  # as train.py's batches: the target rows are found on the host
     times = []
     for _ in range(steps + 1):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        total, count = model.loss(ids, ids, reduction="sum")
-        (total / count).backward()
+        if graphed is None:
+            total, count = model.loss(ids, ids, reduction="sum")
+            (total / count).backward()
+        else:
+            count = seq - 1
+            total = graphed.step(ids, labels, 1.0 / count)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -67,16 +75,17 @@ def step_time(model, opt, seq, steps):
     return statistics.median(times[1:]), (total / count).item()
 
 
-def sweep(model, opt, seqs, steps, label):
+def sweep(model, opt, seqs, steps, label, graphed=None):
     out = []
     for seq in seqs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            dt, loss = step_time(model, opt, seq, steps if seq <= 16384 else 2)
+            dt, loss = step_time(model, opt, seq, steps if seq <= 16384 else 2, graphed)
             r = {"config": label, "seq": seq, "step_s": round(dt, 3), "tok_s": round(seq / dt, 1),
                  "peak_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
-                 "reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2), "loss": round(loss, 3)}
+                 "reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2), "loss": round(loss, 3),
+                 "graphs": graphed is not None, "captures": graphed.captures if graphed else 0}
         except torch.OutOfMemoryError as e:
             r = {"config": label, "seq": seq, "oom": True, "error": str(e).split(". ")[0]}
         print(json.dumps(r), flush=True)
@@ -93,11 +102,12 @@ def compare(ours_path, ref_path):
           f"{'ours GiB':>10}{'ref GiB':>9}")
     for r in ours["runs"]:
         b = ref.get(r["seq"], {})
+        config = r["config"] + (", graphs" if r.get("graphs") else "")
         if r.get("oom"):
-            print(f"{r['config']:<28}{r['seq']:>7}{'OOM':>12}")
+            print(f"{config:<28}{r['seq']:>7}{'OOM':>12}")
             continue
         sp = f"{r['tok_s'] / b['tok_s']:.2f}" if "tok_s" in b else ("ref OOM" if b.get("oom") else "-")
-        print(f"{r['config']:<28}{r['seq']:>7}{r['tok_s']:>12.0f}{b.get('tok_s', float('nan')):>11.0f}{sp:>9}"
+        print(f"{config:<28}{r['seq']:>7}{r['tok_s']:>12.0f}{b.get('tok_s', float('nan')):>11.0f}{sp:>9}"
               f"{r['peak_GiB']:>10.2f}{b.get('peak_GiB', float('nan')):>9.2f}")
 
 
@@ -108,6 +118,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--variants", default="", help="seqs to rerun under each non-default config")
     p.add_argument("--quick", action="store_true", help="only the default and embedding-on-cpu configs")
+    p.add_argument("--graphs", action="store_true", help="the step as CUDA graphs (configs that rule them "
+                   "out, such as the embedding on the CPU, are skipped with the reason)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -123,9 +135,18 @@ def main():
         inject(model, rank=16, alpha=16, dropout=0.0)
         model.gradient_checkpointing = True
         model.train()
-        opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=1e-4, fused=True)
-        result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name)
-        del model, opt
+        params = [p for _, p in lora_parameters(model)]
+        graphed = None
+        if args.graphs:
+            problem = graph_problem(model)
+            if problem is not None:
+                print(json.dumps({"config": name, "graphs_skipped": problem}), flush=True)
+                del model
+                continue
+            graphed = GraphedStep(model, params)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name, graphed)
+        del model, opt, graphed
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured
             json.dump(result, f, indent=1)
     with open(args.out, "w") as f:

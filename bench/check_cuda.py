@@ -1,11 +1,16 @@
 """The CUDA fast paths against their plain twins, on the GPU (prints relative errors).
 
 flex attention with sinks vs eager attention; grouped experts (torch._grouped_mm) vs the per-expert
-loop; NF4 experts vs the dense experts holding the dequantised weights. Forward and backward.
+loop; NF4 experts vs the dense experts holding the dequantised weights. Forward and backward. Then
+the step as CUDA graphs (model/cuda_graph.py) vs the eager step: PASS/FAIL lines, and the exit code
+is 1 if one fails.
     python bench/check_cuda.py
 """
+import json
 import os
 import sys
+import tempfile
+import traceback
 
 import torch
 
@@ -96,7 +101,8 @@ def main():
             dense.down_proj_bias.copy_(ex.down_proj_bias)
         do, (dg,) = grads(lambda a: dense(a, w, idx), (xt.clone().requires_grad_(),))
         no, (ng,) = grads(lambda a: nf4(a, w, idx), (xt.clone().requires_grad_(),))
-        print(f"NF4 experts group={group} vs dense on dequantised weights: out rel {rel(no, do):.2e}, "
+        path = "the fused NF4 kernels" if group == cfg.num_local_experts else "dequantise, then _grouped_mm"
+        print(f"NF4 experts group={group} ({path}) vs dense on dequantised weights: out rel {rel(no, do):.2e}, "
               f"grad rel {rel(ng, dg):.2e}")
 
 
@@ -149,7 +155,136 @@ def check_lora_experts():
         print(f"expert LoRA rank {rank}, grouped bf16 vs per-expert loop fp32: rel {rel(got, want):.2e}")
 
 
+def lora_model(model, rank=8):
+    """LoRA on attention, routers and experts, with B random too so that every gradient is non-trivial."""
+    from lora import inject, lora_parameters
+    inject(model, targets="q_proj,k_proj,v_proj,o_proj,router,experts", rank=rank, alpha=2 * rank, verbose=False)
+    g = torch.Generator("cuda").manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora_parameters(model):
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=g)
+    model.gradient_checkpointing = True
+    return model.train()
+
+
+def small_nf4_model(folder):
+    """A 4-layer model of moderate widths, written as a bf16 checkpoint and loaded as train.py does (NF4)."""
+    from safetensors.torch import save_file
+    from model import load_model
+    config = GptOssConfig(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=8,
+                          num_experts_per_tok=2, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    state = GptOss(config).state_dict()
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f)
+    return load_model(folder, quantize="nf4", device="cuda", dtype=torch.bfloat16)
+
+
+def compare_graphed_with_eager(name, model, shapes) -> bool:
+    """Two steps of two micro-batches each (shapes, then the same shapes with new tokens: replays of
+    graphs captured in one pool), GraphedStep against `(model.loss_rows(...) * scale).backward()` on
+    the same padded inputs: summed losses and the LoRA gradients accumulated over the step.
+
+    Bit-comparable by design: top-2 routing adds two terms per token in the experts' index_add_ (the
+    same in any order), and the scale is a power of two (scaling the backward's input or its output
+    rounds alike). The eager step run twice shows the GPU's own run-to-run noise, printed beside.
+    """
+    from lora import lora_parameters
+    from model.cuda_graph import GraphedStep, padded_step_inputs
+    params = [p for _, p in lora_parameters(model)]
+    vocab, pad_id, scale = model.config.vocab_size, model.config.pad_token_id, 2.0 ** -9
+    gen = torch.Generator().manual_seed(2)
+
+    def micro_batch(shape):  # on the CPU, as train.py's; the first 40 positions are prompt, untrained
+        ids = torch.randint(0, vocab, shape, generator=gen)
+        labels = ids.clone()
+        labels[:, :40] = -100
+        return ids, labels
+
+    def eager(batches):
+        for p in params:
+            p.grad = None
+        totals = []
+        for ids, labels in batches:
+            total = model.loss_rows(*(t.cuda() for t in padded_step_inputs(ids, labels, pad_id)))
+            (total * scale).backward()
+            totals.append(total.detach().float())
+        return torch.stack(totals), [p.grad.clone() for p in params]
+
+    def graphed(batches):
+        for p in params:
+            p.grad = None
+        totals = torch.stack([step.step(ids, labels, scale) for ids, labels in batches])
+        return totals, [p.grad.clone() for p in params]
+
+    def worst(a, b):  # (losses, grads) pairs -> (loss rel, worst grad rel), max-abs relative
+        r = [((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip([a[0], *a[1]], [b[0], *b[1]])]
+        return r[0], max(r[1:])
+
+    passed = True
+    try:
+        step = GraphedStep(model, params)
+        for n in range(2):
+            batches = [micro_batch(shape) for shape in shapes]
+            ref, again, got = eager(batches), eager(batches), graphed(batches)
+            noise, diff = worst(again, ref), worst(got, ref)
+            tol = max(1e-5, 2 * max(noise))
+            ok = max(diff) <= tol and step.captures == len(shapes)
+            passed &= ok
+            print(f"{'PASS' if ok else 'FAIL'} graphs, {name}, step {n + 1} {shapes}: graph vs eager loss rel "
+                  f"{diff[0]:.1e}, worst LoRA grad rel {diff[1]:.1e} (tolerance {tol:.0e}; eager vs eager "
+                  f"{noise[0]:.1e}, {noise[1]:.1e}); {step.captures} captures")
+    except Exception as e:
+        traceback.print_exc()
+        print(f"FAIL graphs, {name}: {type(e).__name__}: {e}")
+        return False
+    return passed
+
+
+def check_graphs() -> bool:
+    """GraphedStep against the eager step (bf16: in float32 the experts' per-expert loop cannot be
+    captured, which graph_problem must say), and the configurations graphs refuse."""
+    from model.cuda_graph import graph_problem
+    ok = True
+
+    def verdict(passed, line):
+        nonlocal ok
+        ok &= passed
+        print(f"{'PASS' if passed else 'FAIL'} {line}")
+
+    tiny = GptOssConfig.from_name("tiny")
+    torch.manual_seed(0)
+    problem = graph_problem(lora_model(GptOss(tiny, attention="flex").cuda()))
+    verdict(problem is not None and "per-expert loop" in problem, f"graphs refuse the float32 model: {problem}")
+
+    torch.manual_seed(0)
+    model = GptOss(tiny, attention="flex")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    model = lora_model(model.cuda().to(torch.bfloat16))
+    ok &= compare_graphed_with_eager("tiny bf16", model, [(2, 200), (1, 333)])
+    del model
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = lora_model(small_nf4_model(folder))
+        ok &= compare_graphed_with_eager("small NF4 bf16", model, [(2, 300), (1, 1000)])
+        del model
+        from model import load_model
+        model = lora_model(load_model(folder, quantize="nf4", device="cuda", embedding_device="cpu"))
+        ok &= compare_graphed_with_eager("small NF4 bf16, embedding on the CPU", model, [(2, 300)])
+    return ok
+
+
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("bench/check_cuda.py checks the CUDA paths: it needs a CUDA GPU, and none is visible")
     check_fused()
     check_lora_experts()
     main()
+    torch._dynamo.reset()  # the checks above compiled flex in many variants; start the graphs afresh
+    sys.exit(0 if check_graphs() else 1)

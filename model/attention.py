@@ -92,7 +92,12 @@ def _block_mask(t: int, window: int | None, device: str):
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)  # a second length recompiles once, with dynamic shapes
+    # Each variant compiles once: causal or windowed, with or without grad, each dtype, and a second
+    # length (then dynamic). A run that trains, evaluates and checks passes dynamo's default limit of
+    # 8, past which flex silently falls back to an implementation that forms the full score matrix.
+    limit = torch._dynamo.config
+    limit.recompile_limit = max(limit.recompile_limit, 64)
+    return torch.compile(flex_attention)
 
 
 def flex_attention_with_sinks(q, k, v, sinks, window: int | None):

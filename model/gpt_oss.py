@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import GptOssConfig
 from .kernels import cuda_compiled
-from .loss import chunked_cross_entropy
+from .loss import chunked_cross_entropy, cross_entropy_rows
 from .moe import MLP
 from .rope import rotary_cos_sin
 
@@ -72,6 +72,7 @@ class GptOss(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rotary = {}  # (power of two, device, dtype) -> (cos, sin): see `rotary`
         self.reset_parameters()
 
     @torch.no_grad()
@@ -83,25 +84,52 @@ class GptOss(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def rotary(self, t: int, device, dtype):
+        """cos and sin (t, head_dim / 2) for positions 0..t-1: the first rows of a table kept per power of two.
+
+        Tables are kept, never rebuilt or dropped: a CUDA graph capture cannot build one (that copies
+        the frequencies to the GPU), and each replay reads the table its capture saw. Powers of two
+        keep them few and all together under four times the longest length's.
+        """
+        n = 1 << max(t - 1, 0).bit_length()
+        key = (n, device, dtype)
+        if key not in self._rotary:
+            with torch.inference_mode(False):  # a table made under inference mode could not train later
+                self._rotary[key] = rotary_cos_sin(self.config, torch.arange(n, device=device), dtype)
+        cos, sin = self._rotary[key]
+        return cos[:t], sin[:t]
+
+    def embed(self, input_ids):
+        """input_ids (batch, seq) -> embeddings (batch, seq, hidden) on the blocks' device.
+
+        The embedding may live on the CPU (load_model's embedding_device): a lookup there is cheap,
+        and its 1 GB table stays off the GPU.
+        """
+        emb = self.model.embed_tokens
+        return emb(input_ids.to(emb.weight.device)).to(self.model.norm.weight.device)
+
+    def decode(self, x):
+        """Embeddings (batch, seq, hidden) -> final-norm states, through every block."""
+        impl = self.attention
+        if impl == "auto":
+            impl = "flex" if x.is_cuda else "eager"
+        cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
+        # a capture forbids reading the RNG state; graphs run without dropout, so a block draws nothing random
+        keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        for block in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False, preserve_rng_state=keep_rng)
+            else:
+                x = block(x, cos, sin, impl)
+        return self.model.norm(x)
+
     def hidden_states(self, input_ids):
         """input_ids (batch, seq) -> final-norm states (batch, seq, hidden).
 
         No attention mask: batches are right-padded, so under the causal mask no real token sees
         padding or another example.
         """
-        device = self.model.norm.weight.device
-        emb = self.model.embed_tokens
-        x = emb(input_ids.to(emb.weight.device)).to(device)    # the embedding may live on the CPU
-        impl = self.attention
-        if impl == "auto":
-            impl = "flex" if x.is_cuda else "eager"
-        cos, sin = rotary_cos_sin(self.config, torch.arange(input_ids.shape[1], device=device), x.dtype)
-        for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, impl)
-        return self.model.norm(x)
+        return self.decode(self.embed(input_ids))
 
     def forward(self, input_ids):
         """Logits (batch, seq, vocab). For training use `loss`, which never forms them all."""
@@ -119,3 +147,11 @@ class GptOss(nn.Module):
         if reduction != "mean":
             raise ValueError(f"reduction must be mean or sum, not {reduction!r}")
         return total / count.clamp(min=1).to(total.device)
+
+    def loss_rows(self, input_ids, rows, targets):
+        """Summed loss at given rows (`model.loss.target_rows`), rows and targets on the GPU."""
+        return self.decoded_loss(self.embed(input_ids), rows, targets)
+
+    def decoded_loss(self, x, rows, targets):
+        """`loss_rows` from the embeddings x: all on the GPU, no host sync, what a CUDA graph captures."""
+        return cross_entropy_rows(self.lm_head, self.decode(x), rows, targets)

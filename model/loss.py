@@ -1,12 +1,18 @@
 """Cross-entropy over a 201,088-word vocabulary without ever holding all the logits.
 
-Only positions with a target are projected at all, a chunk of rows at a time; each chunk runs
-under activation checkpointing, so its logits exist once in the forward and once, recomputed,
-in the backward, and never for two chunks at once.
+Only positions with a target are projected at all, a chunk of rows at a time, and never two chunks'
+logits at once. With the head frozen (LoRA training), each chunk's gradient is formed while its
+logits exist, in the forward; otherwise each chunk runs under activation checkpointing, so its
+logits exist once in the forward and once, recomputed, in the backward.
+
+`target_rows` picks the rows from the labels (where the labels live: on the CPU that costs the GPU
+nothing); `cross_entropy_rows` takes them on the GPU and never looks at their values from the host,
+so a CUDA graph can capture it. `chunked_cross_entropy` is the two together.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -15,29 +21,83 @@ IGNORE = -100
 
 def _chunk_loss(head, h, targets):
     logits = head(h).float()                                    # (chunk, vocab)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum")    # targets of -100 add nothing
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of h @ W^T against targets, for a frozen head W: one pass over the logits.
+
+    The only gradient is dL/dh = (softmax(logits) - onehot(target)) @ W. It is formed chunk by chunk
+    in the forward, while each chunk's logits exist, and kept (rows x dim, small); the backward only
+    scales it. The plain route keeps nothing and so projects every chunk twice more (recomputation
+    and backward) across the 201,088-word vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int):
+        total = h.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(h)
+        for start in range(0, len(h), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits = (h[chunk] @ weight.T).float()                      # (chunk, vocab): the one big tensor
+            t = targets[chunk]
+            trained = (t != IGNORE).float()[:, None]
+            t = t.clamp(min=0)[:, None]
+            picked = logits.gather(1, t)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()                             # in place, as all that follows
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += ((norm.log() + top - picked) * trained).sum()     # log-sum-exp minus the target's logit
+            probs.div_(norm).scatter_add_(1, t, -trained).mul_(trained)   # softmax minus one-hot, if trained
+            grad[chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None
+
+
+def target_rows(labels):
+    """(rows, targets): the trained positions as rows of hidden[:, :-1].reshape(-1, dim), and their tokens.
+
+    labels (batch, seq) are not shifted: position i predicts labels[i + 1]; -100 marks positions not
+    trained. Both results are on the labels' device.
+    """
+    targets = labels[:, 1:].reshape(-1)
+    rows = (targets != IGNORE).nonzero().squeeze(1)
+    return rows, targets[rows]
+
+
+def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256):
+    """Summed next-token loss (float32) of hidden (batch, seq, dim) at `rows`, against `targets`.
+
+    rows and targets are on hidden's device. `head` maps (rows, dim) to logits (rows, vocab). A chunk
+    of 256 rows of 201,088 logits is about 0.2 GB in float32; the cross-entropy holds three or four
+    such at once.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)   # (targets, dim)
+    frozen_head = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+    if torch.is_grad_enabled() and h.requires_grad and frozen_head:
+        return _HeadCrossEntropy.apply(h, head.weight, targets, chunk_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(rows), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and h.requires_grad:
+            # nothing random in a chunk: no RNG state to save (a CUDA graph capture forbids reading it)
+            total = total + checkpoint(_chunk_loss, head, h[chunk], targets[chunk], use_reentrant=False,
+                                       preserve_rng_state=False)
+        else:
+            total = total + _chunk_loss(head, h[chunk], targets[chunk])
+    return total
 
 
 def chunked_cross_entropy(head, hidden, labels, chunk_size: int = 256):
-    """Summed next-token loss and the number of targets.
+    """Summed next-token loss and the number of targets (a tensor on the labels' device).
 
-    hidden (batch, seq, dim) are the final-norm states, labels (batch, seq) the tokens to predict at
-    each position, not shifted: position i predicts labels[i + 1]; -100 marks positions not trained.
-    `head` maps (rows, dim) to logits (rows, vocab). A chunk of 256 rows of 201,088 logits is about
-    0.2 GB in float32; the cross-entropy holds three or four such at once.
-
-    The target rows are found where the labels live: labels left on the CPU cost the GPU no sync.
+    hidden (batch, seq, dim) are the final-norm states, labels (batch, seq) as `target_rows` takes them.
     """
-    targets = labels[:, 1:].reshape(-1)
-    keep = targets != IGNORE
-    rows_kept = keep.nonzero().squeeze(1)                       # on labels' device
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows_kept.to(hidden.device))
-    targets = targets[rows_kept].to(hidden.device)              # (targets, dim), (targets,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), chunk_size):
-        rows = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, h[rows], targets[rows], use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, h[rows], targets[rows])
-    return total, keep.sum()
+    rows, targets = target_rows(labels)
+    total = cross_entropy_rows(head, hidden, rows.to(hidden.device), targets.to(hidden.device), chunk_size)
+    return total, torch.tensor(len(rows), device=labels.device)

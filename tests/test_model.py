@@ -1,11 +1,14 @@
 """The network against transformers' GptOss on the same weights (tiny config, float32, CPU)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import hf_config, hf_twin
+from lora import inject, lora_parameters
 from model import GptOss, GptOssConfig
 from model.attention import eager_attention
-from model.loss import chunked_cross_entropy
+from model.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
+from model.loss import chunked_cross_entropy, cross_entropy_rows, target_rows
 from model.moe import moe_reference
 from model.rope import yarn_inv_freq
 
@@ -120,6 +123,49 @@ def test_chunked_loss_equals_plain_cross_entropy():
     assert g[0, :4].abs().sum() == 0  # positions predicting ignored labels get no gradient
 
 
+def test_frozen_head_loss_forms_its_gradient_in_one_pass_and_equals_plain_cross_entropy():
+    """With the head frozen (always, in LoRA training) the gradient is formed in the forward; same values."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :5] = -100
+    labels[2, 3] = -100
+    total, _ = chunked_cross_entropy(head, hidden, labels, chunk_size=4)
+    assert type(total.grad_fn).__name__ == "_HeadCrossEntropyBackward"
+    ref = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(total, ref, rtol=1e-6, atol=1e-5)
+    g, = torch.autograd.grad(total * 0.37, hidden)              # the upstream gradient scales it
+    g_ref, = torch.autograd.grad(ref * 0.37, hidden)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
+    assert g[0, :4].abs().sum() == 0 and g[2, 2].abs().sum() == 0   # ignored targets: no gradient
+
+
+def test_loss_at_target_rows_equals_the_chunked_loss_and_plain_cross_entropy(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 30))
+    labels = ids.clone()
+    labels[:, :11] = -100
+    labels[1, 24:] = -100
+    rows, targets = target_rows(labels)
+    flat = labels[:, 1:].reshape(-1)
+    assert rows.tolist() == [i for i, t in enumerate(flat.tolist()) if t != -100]
+    assert torch.equal(targets, flat[rows])
+
+    hidden = tiny_model.hidden_states(ids)
+    chunked, count = chunked_cross_entropy(tiny_model.lm_head, hidden, labels, chunk_size=8)
+    at_rows = cross_entropy_rows(tiny_model.lm_head, hidden, rows, targets, chunk_size=8)
+    plain = F.cross_entropy(tiny_model.lm_head(hidden)[:, :-1].reshape(-1, tiny_model.config.vocab_size),
+                            flat, reduction="sum")
+    assert count.item() == len(rows) == 32
+    params = list(tiny_model.parameters())
+    g_rows = torch.autograd.grad(at_rows, params, retain_graph=True)
+    for other in (chunked, plain, tiny_model.loss_rows(ids, rows, targets)):
+        torch.testing.assert_close(at_rows, other, rtol=1e-6, atol=0)
+        for name, a, b in zip(dict(tiny_model.named_parameters()), g_rows,
+                              torch.autograd.grad(other, params, retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_mean_loss_is_sum_over_count(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
     labels = torch.full_like(ids, -100)
@@ -155,3 +201,44 @@ def test_block_mask_by_hand_equals_flex_from_the_dense_mask():
             for row in range(num.shape[-1]):
                 n = int(num[0, 0, row])
                 assert sorted(a[0, 0, row, :n].tolist()) == sorted(b[0, 0, row, :n].tolist())
+
+
+# --- CUDA graphs: what a CPU can check (bench/check_cuda.py compares graph and eager on a GPU) -----
+
+def test_padding_a_micro_batch_for_a_graph_changes_neither_loss_nor_gradients(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 37))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 30:] = -100                                                # an example that ends early
+    padded_ids, rows, targets = padded_step_inputs(ids, labels, pad_id=0, multiple=16)
+    assert padded_ids.shape == (2, 48) and torch.equal(padded_ids[:, :37], ids)
+    assert len(rows) == 64 and (targets[49:] == -100).all()              # 49 targets, padded rows ignored
+    params = list(tiny_model.parameters())
+    total, count = tiny_model.loss(ids, labels, reduction="sum")
+    padded = tiny_model.loss_rows(padded_ids, rows, targets)
+    assert count.item() == 49
+    torch.testing.assert_close(padded, total, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(padded, params), torch.autograd.grad(total, params)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()               # other shapes round a little otherwise
+    _, rows, _ = padded_step_inputs(ids, torch.full_like(labels, -100), pad_id=0, multiple=16)
+    assert len(rows) == 16                                               # never an empty step
+
+
+def test_graph_problem_names_what_rules_graphs_out(tiny_config):
+    model = GptOss(tiny_config)
+    inject(model, rank=4, verbose=False)
+    assert graph_problem(model) == "the model is on the CPU; CUDA graphs need a CUDA GPU"
+    with pytest.raises(ValueError, match="cannot replay the step as a CUDA graph: the model is on the CPU"):
+        GraphedStep(model, [p for _, p in lora_parameters(model)])
+
+    with_dropout = GptOss(tiny_config)
+    inject(with_dropout, rank=4, dropout=0.1, verbose=False)
+    assert "model.layers.0.self_attn.q_proj.dropout has dropout 0.1" in graph_problem(with_dropout)
+
+    model.model.embed_tokens.to("meta")          # may live anywhere (load_model's embedding_device):
+    assert graph_problem(model) == "the model is on the CPU; CUDA graphs need a CUDA GPU"   # looked up outside
+    model.lm_head.to("meta")
+    assert graph_problem(model).startswith("lm_head.weight is on meta, the trainable parameters on cpu")
+
+    model.requires_grad_(False)
+    assert graph_problem(model) == "the model has no trainable parameters"

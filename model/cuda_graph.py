@@ -1,0 +1,125 @@
+"""A micro-batch's forward and backward replayed as one CUDA graph.
+
+At short sequences the step is bound by the host: 24 layers x (forward, recompute, backward) are
+thousands of small kernel launches, each costing the CPU more than the GPU. A CUDA graph records the
+launches once and replays them all with one call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import BLOCK, _block_mask
+from .loss import IGNORE, target_rows
+from .moe import use_grouped_kernel
+
+MULTIPLE = BLOCK  # tokens are padded to flex attention's block (it pads to that anyway), target rows alike
+
+
+def graph_problem(model: nn.Module) -> str | None:
+    """Why the training step of `model` cannot be captured in a CUDA graph, or None if it can."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        return "the model has no trainable parameters"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return (f"{name} has dropout {m.p:g}: a checkpointed block replays its dropout mask from the "
+                    "saved RNG state, which a capture cannot read; train with dropout 0")
+    device = trainable[0].device
+    embedding = model.model.embed_tokens.weight                     # looked up outside the graph
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device != device and t is not embedding:
+            return (f"{name} is on {t.device}, the trainable parameters on {device}: a graph replays the "
+                    "work of one GPU only")
+    if device.type != "cuda":
+        return f"the model is on the {device.type.upper()}; CUDA graphs need a CUDA GPU"
+    dtype = model.model.embed_tokens.weight.dtype
+    if not use_grouped_kernel(torch.empty(0, device=device, dtype=dtype)):
+        return (f"with {dtype} activations the experts run their per-expert loop, which reads the expert "
+                "counts back to the host; only the grouped kernel (bfloat16) can be captured")
+    return None
+
+
+def padded_step_inputs(input_ids, labels, pad_id: int, multiple: int = MULTIPLE):
+    """(input_ids, rows, targets) of a micro-batch, padded: tokens to a multiple of `multiple`, rows too.
+
+    Exact: the model is causal, so pad tokens appended after a row change no real position; padded
+    rows (row 0, target -100) add nothing to the loss. Padding makes one graph serve every micro-batch
+    of about the same length. Computed where the labels are (CPU labels: no GPU sync).
+    """
+    extra = -input_ids.shape[1] % multiple
+    input_ids = F.pad(input_ids, (0, extra), value=pad_id)     # (batch, padded seq)
+    rows, targets = target_rows(F.pad(labels, (0, extra), value=IGNORE))
+    n = multiple * max(1, -(-len(rows) // multiple))           # rows rounded up, never none
+    return input_ids, F.pad(rows, (0, n - len(rows))), F.pad(targets, (0, n - len(rows)), value=IGNORE)
+
+
+class GraphedStep:
+    """One micro-batch's forward and backward, `model.decoded_loss(...)` and its gradient, as a CUDA graph.
+
+    A graph replays fixed kernels on fixed memory. So the inputs are copied into static buffers (the
+    embeddings, looked up outside the graph wherever the embedding lives, the target rows and their
+    tokens), and a graph is captured per key, the padded
+    (batch, seq) shape and number of target rows: a new key costs a capture (two warm-up runs and
+    the recording), a known one a replay. All graphs draw their temporaries from one memory pool,
+    which is safe as they never run at the same time.
+    The graph never touches `param.grad` (autograd could re-assign it instead of accumulating in
+    place, which a replay would silently miss): it writes the gradient of the micro-batch's summed
+    loss into static buffers shared by all graphs, and `step` adds scale x those into `param.grad`,
+    as `(total * scale).backward()` would.
+    """
+
+    def __init__(self, model: nn.Module, params):
+        problem = graph_problem(model)
+        if problem is not None:
+            raise ValueError(f"cannot replay the step as a CUDA graph: {problem}")
+        self.model, self.params = model, list(params)
+        self.pad_id = model.config.pad_token_id
+        self.grads = [torch.zeros_like(p) for p in self.params]    # the graphs' gradient outputs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()                             # for the warm-up runs
+        self.graphs = {}  # key -> (graph, static embeddings, rows, targets, summed loss)
+        self.kept = []    # what the graphs read that its owner could free: see _capture
+        self.captures = 0
+
+    def step(self, input_ids, labels, scale: float) -> torch.Tensor:
+        """Add scale x d(summed loss)/d(param) to each param.grad; return the summed loss (float32, on the GPU)."""
+        ids, rows, targets = padded_step_inputs(input_ids, labels, self.pad_id)
+        with torch.no_grad():
+            x = self.model.embed(ids)                               # (batch, seq, hidden) on the GPU
+        key = (tuple(ids.shape), len(rows))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, rows, targets)
+        graph, *static, total = self.graphs[key]
+        for buffer, value in zip(static, (x, rows, targets)):
+            # from pinned memory the copy is asynchronous; from pageable memory the driver may wait
+            buffer.copy_(value.pin_memory() if value.device.type == "cpu" else value, non_blocking=True)
+        graph.replay()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for p in self.params], self.grads, alpha=scale)
+        return total.clone()
+
+    def _capture(self, x, rows, targets):
+        device = self.grads[0].device
+        static = [t.to(device, copy=True) for t in (x, rows, targets)]   # filled with this micro-batch
+        # warm-up off the capture: compiles, autotunes and lazily initialised state happen here
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for _ in range(2):
+                torch.autograd.grad(self.model.decoded_loss(*static), self.params, allow_unused=True)
+        torch.cuda.current_stream().wait_stream(self.side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            total = self.model.decoded_loss(*static)
+            # (a parameter the loss does not reach gets zeros, where eager would leave its .grad None)
+            torch._foreach_copy_(self.grads, torch.autograd.grad(total, self.params, materialize_grads=True))
+        if self.model.attention != "eager":
+            # flex attention's block masks live in a bounded cache; an evicted one's memory would be
+            # reused while every replay still reads it (a cache hit: the capture has just used them)
+            windows = {block.self_attn.window for block in self.model.model.layers}
+            self.kept += [_block_mask(x.shape[1], w, str(device)) for w in windows]
+        self.captures += 1
+        return graph, *static, total.detach()
