@@ -64,9 +64,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        low_rank = F.linear(F.linear(self.dropout(x), a), b) * self.scaling   # (..., out)
-        return y + low_rank.to(y.dtype)
+        a, b = self.lora_A.to(x.dtype), (self.lora_B * self.scaling).to(y.dtype)
+        h = F.linear(self.dropout(x), a)                                      # (..., rank)
+        # y + h B^T as one product that adds into y (no separate scale and add passes over (..., out))
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2).to(y.dtype), b.T).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base's layout (out, in), float32: W_merged = W + delta."""
