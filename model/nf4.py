@@ -1,8 +1,10 @@
 """Frozen weights stored as bitsandbytes NF4 (4-bit NormalFloat, double-quantised, blocks of 64).
 
 `NF4Linear` replaces an nn.Linear; `NF4Experts` replaces a layer's dense experts and keeps the
-grouped computation: each projection dequantises the layer's experts once and runs one grouped
-matrix product. Neither keeps the dequantised weight for the backward: it is rebuilt there.
+grouped computation. On CUDA each expert projection is one Triton kernel that reads the 4-bit codes
+directly (model/nf4_gemm.py), forward and backward; elsewhere, or with the experts split in groups,
+it dequantises the layer's experts and runs one grouped matrix product. Nothing keeps a dequantised
+weight for the backward: it is rebuilt there.
 """
 from __future__ import annotations
 
