@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .attention import BLOCK, _block_mask
 from .loss import IGNORE, target_rows
 from .moe import use_grouped_kernel
+from .nf4 import NF4Experts
 
 MULTIPLE = BLOCK  # tokens are padded to flex attention's block (it pads to that anyway), target rows alike
 
@@ -26,6 +27,10 @@ def graph_problem(model: nn.Module) -> str | None:
         if isinstance(m, nn.Dropout) and m.p > 0:
             return (f"{name} has dropout {m.p:g}: a checkpointed block replays its dropout mask from the "
                     "saved RNG state, which a capture cannot read; train with dropout 0")
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Experts) and m.group < m.num_experts:
+            return (f"{name} holds its experts in groups of {m.group} (experts_per_group), which slices the "
+                    "rows by counts read back to the host; load without experts_per_group")
     device = trainable[0].device
     embedding = model.model.embed_tokens.weight                     # looked up outside the graph
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

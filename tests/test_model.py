@@ -10,6 +10,7 @@ from model.attention import eager_attention
 from model.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
 from model.loss import chunked_cross_entropy, cross_entropy_rows, target_rows
 from model.moe import moe_reference
+from model.nf4 import NF4Experts
 from model.rope import yarn_inv_freq
 
 TOL = 1e-4  # float32 end to end; observed differences are ~3e-6
@@ -239,6 +240,11 @@ def test_graph_problem_names_what_rules_graphs_out(tiny_config):
     assert graph_problem(model) == "the model is on the CPU; CUDA graphs need a CUDA GPU"   # looked up outside
     model.lm_head.to("meta")
     assert graph_problem(model).startswith("lm_head.weight is on meta, the trainable parameters on cpu")
+
+    grouped = GptOss(tiny_config)
+    grouped.model.layers[1].mlp.experts = NF4Experts(tiny_config, group=4)   # load_model's experts_per_group
+    inject(grouped, rank=4, verbose=False)
+    assert graph_problem(grouped).startswith("model.layers.1.mlp.experts holds its experts in groups of 4")
 
     model.requires_grad_(False)
     assert graph_problem(model) == "the model has no trainable parameters"
