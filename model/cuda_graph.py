@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BLOCK, _block_mask
+from .attention import BLOCK
 from .loss import IGNORE, target_rows
 from .moe import use_grouped_kernel
 from .nf4 import NF4Experts
@@ -65,9 +65,9 @@ class GraphedStep:
 
     A graph replays fixed kernels on fixed memory. So the inputs are copied into static buffers (the
     embeddings, looked up outside the graph wherever the embedding lives, the target rows and their
-    tokens), and a graph is captured per key, the padded
-    (batch, seq) shape and number of target rows: a new key costs a capture (two warm-up runs and
-    the recording), a known one a replay. All graphs draw their temporaries from one memory pool,
+    tokens), and a graph is captured per key, the padded (batch, seq) shape and number of target
+    rows: a new key costs a capture (two warm-up runs and the recording), a known one a replay.
+    What a replay reads besides (rotary tables, attention block masks) is cached for good by the model. All graphs draw their temporaries from one memory pool,
     which is safe as they never run at the same time.
     The graph never touches `param.grad` (autograd could re-assign it instead of accumulating in
     place, which a replay would silently miss): it writes the gradient of the micro-batch's summed
@@ -85,7 +85,6 @@ class GraphedStep:
         self.pool = torch.cuda.graph_pool_handle()
         self.side = torch.cuda.Stream()                             # for the warm-up runs
         self.graphs = {}  # key -> (graph, static embeddings, rows, targets, summed loss)
-        self.kept = []    # what the graphs read that its owner could free: see _capture
         self.captures = 0
 
     def step(self, input_ids, labels, scale: float) -> torch.Tensor:
@@ -121,10 +120,5 @@ class GraphedStep:
             total = self.model.decoded_loss(*static)
             # (a parameter the loss does not reach gets zeros, where eager would leave its .grad None)
             torch._foreach_copy_(self.grads, torch.autograd.grad(total, self.params, materialize_grads=True))
-        if self.model.attention != "eager":
-            # flex attention's block masks live in a bounded cache; an evicted one's memory would be
-            # reused while every replay still reads it (a cache hit: the capture has just used them)
-            windows = {block.self_attn.window for block in self.model.model.layers}
-            self.kept += [_block_mask(x.shape[1], w, str(device)) for w in windows]
         self.captures += 1
         return graph, *static, total.detach()

@@ -74,8 +74,8 @@ def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256):
     """Summed next-token loss (float32) of hidden (batch, seq, dim) at `rows`, against `targets`.
 
     rows and targets are on hidden's device. `head` maps (rows, dim) to logits (rows, vocab). A chunk
-    of 256 rows of 201,088 logits is about 0.2 GB in float32; the cross-entropy holds three or four
-    such at once.
+    of 256 rows of 201,088 logits is about 0.2 GB in float32: the frozen-head path holds one at a time
+    (and its bf16 product while converting), the checkpointed path's cross-entropy three or four.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)   # (targets, dim)
     frozen_head = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad

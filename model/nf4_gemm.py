@@ -52,8 +52,14 @@ def scales(w) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _find_tile(offsets_ptr, num_experts, tile, BM: tl.constexpr):
-        """Which expert owns row tile `tile`, and its rows [first, end); expert -1 past the last tile."""
+    def _program_tile(offsets_ptr, num_experts, n_cols, BM: tl.constexpr, BC: tl.constexpr):
+        """This program's (BM, BC) output tile: its expert, rows [first, end) and column tile.
+
+        The row tiles of each expert follow one another; expert -1 means past the last one (the grid
+        is sized for the worst case, every expert ending in a partial tile).
+        """
+        c_tiles = (n_cols + BC - 1) // BC
+        tile, tile_c = tl.program_id(0) // c_tiles, tl.program_id(0) % c_tiles
         expert = -1
         first = 0
         end = 0
@@ -68,7 +74,7 @@ if triton is not None:
             end = tl.where(mine, stop, end)
             seen += n
             start = stop
-        return expert, first, end
+        return expert, first, end, tile_c
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
@@ -98,9 +104,7 @@ if triton is not None:
                            K, N, num_experts, HAS_BIAS: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile
-        n_tiles = (N + BN - 1) // BN
-        tile_m, tile_n = tl.program_id(0) // n_tiles, tl.program_id(0) % n_tiles
-        expert, first, end = _find_tile(offsets_ptr, num_experts, tile_m, BM)
+        expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
@@ -127,9 +131,7 @@ if triton is not None:
     def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
                              K, N, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
         # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N
-        k_tiles = (K + BK - 1) // BK
-        tile_m, tile_k = tl.program_id(0) // k_tiles, tl.program_id(0) % k_tiles
-        expert, first, end = _find_tile(offsets_ptr, num_experts, tile_m, BM)
+        expert, first, end, tile_k = _program_tile(offsets_ptr, num_experts, K, BM, BK)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
