@@ -29,17 +29,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import (encode_split, load_tokenizer, make_batches, prepare, read_split, special_id, tiny_tokenizer,
-                  write_synthetic)
+from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split, special_id,
+                  tiny_tokenizer, write_synthetic)
 from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter
 from model import GptOss, GptOssConfig, load_model
 from model.cuda_graph import GraphedStep, graph_problem
 from model.loading import CheckpointError
+from model.loss import IGNORE
 
 DEFAULT_DATA = "walledai/JailbreakHub"
-IGNORE = -100  # the label of positions that are not trained (model/loss.py)
 
 
 def option(default, help: str, type=None):
@@ -75,7 +75,7 @@ class TrainConfig:
     epochs: int = option(3, "passes over the training split")
     micro_batch_size: int = option(2, "examples per forward/backward pass")
     grad_accum: int = option(4, "micro-batches per optimizer step")
-    max_seq_len: int = option(4096, "longest example in tokens; longer prompts are cut in the middle")
+    max_seq_len: int = option(MAX_LEN, "longest example in tokens; longer prompts are cut in the middle")
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")

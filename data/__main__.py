@@ -2,7 +2,7 @@
 
 import argparse
 
-from data.harmony import encode_split
+from data.harmony import MAX_LEN, encode_split
 from data.prepare import prepare, read_split
 from data.tokenizer import load_tokenizer
 
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--split", default="train", help="split of a hub data set")
     parser.add_argument("--tokenizer", default=None,
                         help="optional: model folder, hub id or 'tiny', to report token lengths and cuts")
-    parser.add_argument("--max-len", type=int, default=2048, help="with --tokenizer: the length to report cuts for")
+    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="with --tokenizer: the length to report cuts for")
     args = parser.parse_args()
     print(vars(args))
     prepare(args.source, args.out, n=args.n, seed=args.seed, val_fraction=args.val_fraction,

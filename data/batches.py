@@ -4,6 +4,8 @@ import random
 
 import torch
 
+from model.loss import IGNORE
+
 BUCKET_BATCHES = 50  # batches per length bucket: enough to pad little, few enough to stay random.
 
 
@@ -41,7 +43,7 @@ def make_batches(examples_encoded, batch_size: int, seed: int, epoch: int, pad_i
 def _pad(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(example[0]) for example in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (batch, seq)
-    labels = torch.full((len(examples), longest), -100, dtype=torch.long)      # (batch, seq)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)      # (batch, seq)
     for row, (ids, example_labels, *_) in enumerate(examples):
         assert len(ids) == len(example_labels), (len(ids), len(example_labels))
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)

@@ -15,6 +15,8 @@ import warnings
 
 from tokenizers import Tokenizer
 
+from model.loss import IGNORE
+
 # Special tokens of o200k_harmony that our tokenizers must carry. Their ids differ between the real
 # tokenizer and the tiny one, so they are always looked up by name, never written as numbers.
 HARMONY_SPECIAL_TOKENS = (
@@ -47,6 +49,7 @@ DEFAULT_POLICY = (
 
 # Put in place of the middle of a user text that had to be cut, so the model sees that text is missing.
 CUT_MARKER = "\n[...]\n"
+MAX_LEN = 4096  # tokens a conversation may take by default: training, data's report and eval cut alike
 
 
 def system_text(date: str = DEFAULT_DATE, reasoning: str = DEFAULT_REASONING) -> str:
@@ -141,6 +144,14 @@ def _prompt_ids(tokenizer, prompt_text, max_len, policy, date, reasoning) -> tup
     return before + user + after, was_cut
 
 
+def render_prompts(tokenizer: Tokenizer, prompts: list[str], max_len: int | None,
+                   policy: str = DEFAULT_POLICY, date: str = DEFAULT_DATE,
+                   reasoning: str = DEFAULT_REASONING) -> tuple[list[list[int]], int]:
+    """render_prompt of each prompt, and how many of them were cut in the middle to fit max_len."""
+    rendered = [_prompt_ids(tokenizer, prompt, max_len, policy, date, reasoning) for prompt in prompts]
+    return [ids for ids, _ in rendered], sum(cut for _, cut in rendered)
+
+
 def render_prompt(tokenizer: Tokenizer, prompt_text: str, max_len: int | None = None,
                   policy: str = DEFAULT_POLICY, date: str = DEFAULT_DATE,
                   reasoning: str = DEFAULT_REASONING) -> list[int]:
@@ -166,7 +177,7 @@ def encode_example(tokenizer: Tokenizer, prompt_text: str, label: bool, max_len:
     prompt, was_cut = _prompt_ids(tokenizer, prompt_text, max_len, policy, date, reasoning)
     answer = _answer(tokenizer, label)
     input_ids = prompt + answer
-    labels = [-100] * len(prompt) + answer
+    labels = [IGNORE] * len(prompt) + answer
     assert max_len is None or len(input_ids) <= max_len, (len(input_ids), max_len)
     return input_ids, labels, was_cut
 

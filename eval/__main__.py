@@ -12,7 +12,7 @@ import torch
 
 from data import load_tokenizer, read_split, tiny_tokenizer
 from eval.report import change, evaluate, format_table
-from eval.score import DEFAULT_MAX_LEN
+from data import MAX_LEN
 from model import GptOss, GptOssConfig, load_model
 
 
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="a val.jsonl written by python -m data")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.5, help="predict jailbreak iff P(jailbreak) >= this")
-    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
+    parser.add_argument("--max-len", type=int, default=MAX_LEN,
                         help="longer prompts are cut in the middle, as in training; use training's value")
     parser.add_argument("--generate", action="store_true",
                         help="also answer greedily and report the share of answers not in format")

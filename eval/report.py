@@ -2,9 +2,9 @@
 
 import time
 
-from data import render_prompt
+from data import MAX_LEN, render_prompts
 from eval.metrics import classification_metrics
-from eval.score import DEFAULT_MAX_LEN, answer_label, generate_answers, score_examples
+from eval.score import answer_label, generate_answers, score_rendered
 
 # Rows of the side-by-side table, in order.
 TABLE_ROWS = ("n", "n_jailbreak", "accuracy", "precision", "recall", "f1", "roc_auc", "tp", "fp", "tn",
@@ -12,7 +12,7 @@ TABLE_ROWS = ("n", "n_jailbreak", "accuracy", "precision", "recall", "f1", "roc_
 
 
 def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, threshold: float = 0.5,
-             generate: bool = False, max_len: int | None = DEFAULT_MAX_LEN, max_new_tokens: int = 32,
+             generate: bool = False, max_len: int | None = MAX_LEN, max_new_tokens: int = 32,
              progress: bool = False) -> dict:
     """Metrics of the model on read_split's examples, plus n and timing; flat, JSON-ready.
 
@@ -25,7 +25,8 @@ def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, thresh
     prompts = [example["prompt"] for example in examples]
     labels = [bool(example["label"]) for example in examples]
     start = time.perf_counter()
-    scores, raw = score_examples(model, tokenizer, prompts, batch_size, max_len, progress, return_raw=True)
+    encoded, n_cut = render_prompts(tokenizer, prompts, max_len)   # cut as training cut them
+    scores, raw = score_rendered(model, tokenizer, encoded, batch_size, progress, return_raw=True)
     seconds = time.perf_counter() - start
     result = {
         "n": len(examples),
@@ -33,7 +34,7 @@ def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, thresh
         "threshold": threshold,
         **classification_metrics(labels, scores, threshold),
         "label_mass": sum(p_no + p_yes for p_no, p_yes in raw) / len(raw),
-        "n_cut": _count_cut(tokenizer, prompts, max_len),
+        "n_cut": n_cut,
         "seconds": seconds,
         "examples_per_second": len(examples) / seconds if seconds > 0 else None,
     }
@@ -45,13 +46,6 @@ def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, thresh
         result["generate_accuracy"] = sum(p == label for p, label in zip(predicted, labels)) / len(labels)
         result["generate_seconds"] = time.perf_counter() - start
     return result
-
-
-def _count_cut(tokenizer, prompts: list[str], max_len: int | None) -> int:
-    """How many prompts were cut in the middle to fit max_len (reported, never silent)."""
-    if max_len is None:
-        return 0
-    return sum(len(render_prompt(tokenizer, p, max_len)) < len(render_prompt(tokenizer, p)) for p in prompts)
 
 
 def change(base: dict, adapted: dict) -> dict:

@@ -10,9 +10,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from data import LABELS, encode_text, label_token_ids, render_prompt, special_id
-
-DEFAULT_MAX_LEN = 2048  # as data's --max-len: a prompt is cut exactly as training cut it at this length.
+from data import LABELS, MAX_LEN, encode_text, label_token_ids, render_prompt, render_prompts, special_id
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -51,18 +49,25 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
 
 
 def score_examples(model, tokenizer, prompts: list[str], batch_size: int = 8,
-                   max_len: int | None = DEFAULT_MAX_LEN, progress: bool = False,
+                   max_len: int | None = MAX_LEN, progress: bool = False,
                    return_raw: bool = False):
     """P(jailbreak) per prompt, normalised over the two label words: P(yes) / (P(yes) + P(no)).
 
     With return_raw, also returns [(P(no), P(yes))] under the full-vocabulary softmax, which shows
     how much of the next-token mass the two words get. Scores come back in the order of `prompts`.
+    max_len cuts a prompt exactly as training cut it (train.py's --max-seq-len).
     """
+    encoded, _ = render_prompts(tokenizer, prompts, max_len)
+    return score_rendered(model, tokenizer, encoded, batch_size, progress, return_raw)
+
+
+def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int = 8, progress: bool = False,
+                   return_raw: bool = False):
+    """`score_examples` of prompts already rendered (`data.render_prompts`)."""
     benign_id, jailbreak_id = label_token_ids(tokenizer)
     pad_id = special_id(tokenizer, "<|endoftext|>")
-    encoded = [render_prompt(tokenizer, prompt, max_len) for prompt in prompts]
-    scores, raw = [0.0] * len(prompts), [(0.0, 0.0)] * len(prompts)
-    with inference_mode(model), tqdm(total=len(prompts), desc="scoring", unit="prompt",
+    scores, raw = [0.0] * len(encoded), [(0.0, 0.0)] * len(encoded)
+    with inference_mode(model), tqdm(total=len(encoded), desc="scoring", unit="prompt",
                                      disable=not progress) as bar:
         for batch in _batches([len(ids) for ids in encoded], batch_size):
             logits = last_token_logits(model, [encoded[i] for i in batch], pad_id)  # (batch, vocab)
@@ -116,7 +121,7 @@ def answer_label(text: str | None) -> bool | None:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8,
-                     max_len: int | None = DEFAULT_MAX_LEN, progress: bool = False) -> list[str | None]:
+                     max_len: int | None = MAX_LEN, progress: bool = False) -> list[str | None]:
     """Greedy answers, each prompt ending at <|start|>assistant; the final channel's text, or None.
 
     There is no KV cache: every step runs the forward over the whole sequence again, which is fine
@@ -144,8 +149,9 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
                 still = []
                 for i, token in zip(running, next_ids):
                     generated[i].append(token)
-                    in_final = _find(generated[i], final_header) >= 0
-                    if token not in stops and not (token == end_id and in_final):
+                    # (the answer so far is searched for the final header only when it may be over)
+                    done = token in stops or (token == end_id and _find(generated[i], final_header) >= 0)
+                    if not done:
                         still.append(i)
                 running = still
                 if not running:
