@@ -12,7 +12,6 @@ import datasets
 import pytest
 import torch
 
-import data
 from data import (LABELS, encode_example, label_token_ids, load_tokenizer, make_batches, prepare,
                   read_split, render_prompt, tiny_tokenizer)
 from data.harmony import CUT_MARKER, HARMONY_SPECIAL_TOKENS, encode_split
@@ -283,31 +282,28 @@ def test_cli_prepares_and_reports(tmp_path, monkeypatch, capsys):
 
 # --- bad input -------------------------------------------------------------------------------
 
-def test_missing_column_names_file_and_column(tmp_path):
-    source = write([{"prompt": "a", "label": True}], tmp_path / "rows.csv")
-    with pytest.raises(ValueError, match=r"rows\.csv.*\['jailbreak'\] not found.*--label-column"):
-        prepare(str(source), str(tmp_path / "out"))
+# Each bad source (file name, its text or rows) must fail naming the file, and row and column where one is at fault.
+BAD_SOURCES = {
+    "missing column": ("rows.csv", [{"prompt": "a", "label": True}], r"rows\.csv.*\['jailbreak'\] not found.*--label-column"),
+    "non-boolean label": ("rows.csv", "prompt,jailbreak\nhello,True\nworld,False\nthere,maybe\n",
+                          r"rows\.csv, row 3, column 'jailbreak'.*'maybe'"),
+    "integer labels": ("ints.parquet", [{"prompt": "a", "jailbreak": 1}, {"prompt": "b", "jailbreak": 0}],
+                       r"ints\.parquet, row 1, column 'jailbreak'.*found 1"),
+    "empty file": ("empty.jsonl", "", r"empty\.jsonl: the file is empty"),
+    "header only": ("header.csv", "prompt,jailbreak\n", r"header\.csv.*at least one row"),
+}
 
 
-def test_non_boolean_label_names_file_row_and_column(tmp_path):
-    path = tmp_path / "rows.csv"
-    path.write_text("prompt,jailbreak\nhello,True\nworld,False\nthere,maybe\n")
-    with pytest.raises(ValueError, match=r"rows\.csv, row 3, column 'jailbreak'.*'maybe'"):
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_a_bad_source_fails_naming_file_row_and_column(tmp_path, case):
+    name, content, message = BAD_SOURCES[case]
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        write(content, path)
+    with pytest.raises(ValueError, match=message):
         prepare(str(path), str(tmp_path / "out"))
-    ints = write([{"prompt": "a", "jailbreak": 1}, {"prompt": "b", "jailbreak": 0}], tmp_path / "ints.parquet")
-    with pytest.raises(ValueError, match=r"ints\.parquet, row 1, column 'jailbreak'.*found 1"):
-        prepare(str(ints), str(tmp_path / "out"))
-
-
-def test_empty_sources(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(ValueError, match=r"empty\.jsonl: the file is empty"):
-        prepare(str(empty), str(tmp_path / "out"))
-    header_only = tmp_path / "header.csv"
-    header_only.write_text("prompt,jailbreak\n")
-    with pytest.raises(ValueError, match=r"header\.csv.*at least one row"):
-        prepare(str(header_only), str(tmp_path / "out"))
 
 
 def test_absent_class_and_one_class_split(tmp_path):

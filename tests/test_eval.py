@@ -4,7 +4,6 @@ forward, batch and padding invariance, greedy answers and their parsing, and `py
 CPU, the tiny model (conftest's `tiny_model`, fixed seed) and data's tiny tokenizer; nothing is downloaded.
 """
 
-import itertools
 import json
 import random
 
