@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GptOss, GptOssConfig  # noqa: E402
+from model import GptOssConfig  # noqa: E402
+from model.gpt_oss import hub_shapes  # noqa: E402
 
 
 def main():
@@ -23,8 +24,7 @@ def main():
     args = p.parse_args()
     config = GptOssConfig.from_name(args.preset)
     config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": []}
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GptOss(config).state_dict().items()}
+    shapes = hub_shapes(config)
     os.makedirs(args.folder, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster there
     g = torch.Generator(dev).manual_seed(0)

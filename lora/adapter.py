@@ -137,11 +137,10 @@ def load_adapter(model: nn.Module, folder: str):
             raise ValueError(f"{path}: its targets do not fit this model: {e}") from e
     else:
         have = model.lora_config
-        for ours, theirs in (("r", "r"), ("lora_alpha", "lora_alpha"), ("use_rslora", "use_rslora")):
-            if have[ours] != c.get(theirs, False):
-                raise ValueError(f"{path}: {theirs}={c.get(theirs)!r} but the model's LoRA has "
-                                 f"{ours}={have[ours]!r}; load it into a model without LoRA, or inject "
-                                 "with the adapter's settings")
+        for key in ("r", "lora_alpha", "use_rslora"):                # PEFT's names are ours
+            if have[key] != c.get(key, False):
+                raise ValueError(f"{path}: {key}={c.get(key)!r} but the model's LoRA has {key}={have[key]!r}; "
+                                 "load it into a model without LoRA, or inject with the adapter's settings")
 
     entries = {key: (p, from_peft, to_peft) for key, p, to_peft, from_peft in _entries(model)}
     weights = os.path.join(folder, WEIGHTS)

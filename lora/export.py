@@ -16,7 +16,7 @@ import struct
 import torch
 import torch.nn as nn
 
-from model.gpt_oss import GptOss
+from model.gpt_oss import hub_shapes
 
 from .layers import LORA_MODULES, LoRAExperts, base_tensor
 
@@ -55,7 +55,7 @@ def _plan_shards(shapes: dict[str, tuple], itemsize: int, max_shard_bytes: int) 
 
 def _write_streamed(path: str, names: list[str], shapes: dict[str, tuple], dtype, produce):
     """A safetensors file written tensor by tensor: the header from the shapes, then each tensor's bytes."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
         n = math.prod(shapes[name]) * itemsize
@@ -79,9 +79,8 @@ def export_merged(model: nn.Module, folder: str, dtype=torch.bfloat16, max_shard
     """Write base + adapter as a dense checkpoint in the hub's layout; returns the shard file names."""
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"export dtype must be one of {list(SAFETENSORS_DTYPES)}, not {dtype}")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GptOss(model.config).state_dict().items()}  # hub names, no memory
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    shapes = hub_shapes(model.config)
+    itemsize = dtype.itemsize
     shards = _plan_shards(shapes, itemsize, max_shard_bytes)
     os.makedirs(folder, exist_ok=True)
     files, weight_map = [], {}

@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.moe import Experts, Router, grouped_matmul
+from model.moe import EXPERT_MATRICES, Experts, Router, grouped_matmul
 from model.nf4 import NF4Experts, NF4Linear
 
-EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -33,6 +32,14 @@ def init_lora_A(a: torch.Tensor, fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
         a.uniform_(-bound, bound)
+
+
+def add_low_rank(y, x, lora_A, lora_B, scaling: float, dropout: nn.Module):
+    """y + B(A(dropout(x))) * scaling, the update added inside the second product (one addmm): no
+    separate scale and add passes over y. A, B (float32) are cast to the activations' dtype."""
+    h = F.linear(dropout(x), lora_A.to(x.dtype))                            # (..., rank)
+    y2 = torch.addmm(y.flatten(0, -2), h.flatten(0, -2).to(y.dtype), lora_B.to(y.dtype).T, alpha=scaling)
+    return y2.view(y.shape)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -63,11 +70,7 @@ class LoRALinear(nn.Module):
         init_lora_A(self.lora_A, self.in_features)
 
     def forward(self, x):
-        y = self.base_layer(x)
-        a, b = self.lora_A.to(x.dtype), (self.lora_B * self.scaling).to(y.dtype)
-        h = F.linear(self.dropout(x), a)                                      # (..., rank)
-        # y + h B^T as one product that adds into y (no separate scale and add passes over (..., out))
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2).to(y.dtype), b.T).view(y.shape)
+        return add_low_rank(self.base_layer(x), x, self.lora_A, self.lora_B, self.scaling, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base's layout (out, in), float32: W_merged = W + delta."""
@@ -96,8 +99,7 @@ class LoRARouter(nn.Module):
 
     def logits(self, x):
         y = self.base_layer.logits(x)                           # (tokens, experts)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (F.linear(F.linear(self.dropout(x), a), b) * self.scaling).to(y.dtype)
+        return add_low_rank(y, x, self.lora_A, self.lora_B, self.scaling, self.dropout)
 
     def forward(self, x):
         return Router.forward(self, x)                          # the base's top-k, on our logits
@@ -116,7 +118,7 @@ class LoRAExperts(nn.Module):
     For expert e and matrix W (experts, in, out), y = x @ W[e] + (dropout(x) @ A[e]) @ B[e] * scaling,
     A (experts, in, rank), B (experts, rank, out) in the experts' own layout (y = x @ W). Both
     products run over the expert-sorted rows with the base's counts and offsets: on CUDA in bf16 each
-    is one grouped kernel, as the base's are; nowhere is there a Python loop over experts on the GPU.
+    is one grouped kernel, as the base's are; elsewhere `grouped_matmul`'s per-expert loop runs.
     The routing, sorting and SwiGLU are `Experts.forward`'s; only `gate_up` and `down` change here.
     """
 
@@ -148,14 +150,17 @@ class LoRAExperts(nn.Module):
         return self.num_experts, n_in, n_out
 
     def low_rank(self, name: str, x, counts, offsets):
-        """(dropout(x) @ A[e]) @ B[e] * scaling for rows x sorted by expert, in x's dtype."""
-        a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        """(dropout(x) @ A[e]) @ B[e] * scaling for rows x sorted by expert, in x's dtype.
+
+        The scaling goes into B (experts, rank, out), not onto the (rows, out) product: no extra pass.
+        """
+        a, b = self.lora_A[name].to(x.dtype), (self.lora_B[name] * self.scaling).to(x.dtype)
         if counts is None and self.rank % 8:
             # the grouped kernel wants 16-byte strides: pad the rank with zeros, which adds exactly nothing
             pad = -self.rank % 8
             a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
         h = grouped_matmul(self.dropout(x), a, counts, offsets)   # (rows, rank)
-        return grouped_matmul(h, b, counts, offsets) * self.scaling
+        return grouped_matmul(h, b, counts, offsets)
 
     def gate_up(self, x, expert, counts, offsets):
         y = self.base_layer.gate_up(x, expert, counts, offsets)

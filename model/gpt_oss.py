@@ -57,6 +57,12 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def hub_shapes(config: GptOssConfig) -> dict[str, tuple]:
+    """Every tensor of the model by its hub name, with its shape in the dense layout (built on meta: no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GptOss(config).state_dict().items()}
+
+
 class GptOss(nn.Module):
     """`GptOss(config)` is randomly initialised; `load_model` fills one from a checkpoint.
 

@@ -16,12 +16,12 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .config import GptOssConfig
-from .gpt_oss import GptOss
+from .gpt_oss import GptOss, hub_shapes
 from .mxfp4 import dequantize_mxfp4
+from .moe import EXPERT_MATRICES
 from .nf4 import NF4Experts, NF4Linear
 
 NF4_LINEARS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj$")
-EXPERT_MATRICES = ("gate_up_proj", "down_proj")
 
 
 class CheckpointError(ValueError):
@@ -88,11 +88,6 @@ def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, att
     return model
 
 
-def _expected_shapes(config: GptOssConfig) -> dict[str, tuple]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GptOss(config).state_dict().items()}
-
-
 def _get(files: dict[str, str], key: str, device) -> torch.Tensor:
     with safe_open(files[key], "pt", device="cpu") as f:
         return f.get_tensor(key).to(device)
@@ -128,7 +123,7 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
     config = GptOssConfig.from_pretrained(folder)
     mxfp4 = _quant_method(config, folder) == "mxfp4"
     files = checkpoint_files(folder)
-    shapes = _expected_shapes(config)
+    shapes = hub_shapes(config)
     model = _skeleton(config, quantize, lm_head_nf4, attention, experts_per_group)
 
     # tensor names as the dense model knows them (MXFP4 pairs fold into one name)

@@ -14,6 +14,9 @@ from .config import GptOssConfig
 from .kernels import cuda_compiled
 
 
+EXPERT_MATRICES = ("gate_up_proj", "down_proj")  # the experts' weights, as the hub names them
+
+
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig):
         super().__init__()
