@@ -7,14 +7,12 @@ CUDA graphs on. The gathers measured 0.8% slower (docs/BENCHMARKS.md), so model/
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lora import inject, lora_parameters  # noqa: E402
+from bench import step_time, train_lora  # noqa: E402  (bench/bench.py, beside this script)
 from model import load_model  # noqa: E402
 from model import moe  # noqa: E402
 from model.cuda_graph import GraphedStep  # noqa: E402
@@ -60,31 +58,18 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", dtype=torch.bfloat16)
-    inject(model, rank=16, alpha=16, dropout=0.0)
-    model.gradient_checkpointing = True
-    params = [q for _, q in lora_parameters(model)]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
-    labels = ids.cpu()
+    params, opt = train_lora(model)
     index_add = moe.Experts.forward
-    for name, forward in (("gathers + bmm", gathers_forward), ("index + index_add_", index_add),
-                          ("gathers + bmm, again", gathers_forward)):
-        moe.Experts.forward = forward
-        step = GraphedStep(model, params)
-        times = []
-        for _ in range(args.steps + 1):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            step.step(ids, labels, 1.0 / (args.seq - 1))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        dt = statistics.median(times[1:])
-        print(json.dumps({"dispatch": name, "seq": args.seq, "step_s": round(dt, 4), "tok_s": round(args.seq / dt, 1)}),
-              flush=True)
-        del step
-        torch.cuda.empty_cache()
+    try:
+        for name, forward in (("gathers + bmm", gathers_forward), ("index + index_add_", index_add),
+                              ("gathers + bmm, again", gathers_forward)):
+            moe.Experts.forward = forward           # the one thing that differs; a fresh graph for each
+            dt, _ = step_time(model, opt, args.seq, args.steps, GraphedStep(model, params))
+            print(json.dumps({"dispatch": name, "seq": args.seq, "step_s": round(dt, 4),
+                              "tok_s": round(args.seq / dt, 1)}), flush=True)
+            torch.cuda.empty_cache()
+    finally:
+        moe.Experts.forward = index_add
 
 
 if __name__ == "__main__":

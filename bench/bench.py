@@ -2,7 +2,8 @@
 
 Reports load time and memory, then per sequence length (micro-batch 1, LoRA rank 16 on q/k/v/o,
 gradient checkpointing): tokens/s (median step after warm-up) and peak allocated/reserved GPU memory,
-going up the lengths until one no longer fits. Writes JSON to --out. --graphs replays each step's
+going up the lengths until one no longer fits (above 16,384 tokens, one timed step after the warm-up,
+not --steps). Writes JSON to --out. --graphs replays each step's
 forward and backward as a CUDA graph (model/cuda_graph.py); the first step of a length captures it.
     python bench/make_checkpoint.py /tmp/ck
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --out $OUT/ours.json
@@ -55,7 +56,18 @@ def load(checkpoint, options):
     return model, r
 
 
+def train_lora(model):
+    """The benchmarked adapter on `model`: LoRA r=16 on q/k/v/o, no dropout, gradient checkpointing,
+    training mode; returns its parameters and their fused AdamW."""
+    inject(model, rank=16, alpha=16, dropout=0.0)
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for _, p in lora_parameters(model)]
+    return params, torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
 def step_time(model, opt, seq, steps, graphed=None):
+    """Median seconds of a training step at `seq` tokens after one warm-up step, and the last loss."""
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
     labels = ids.cpu()  # as train.py's batches: the target rows are found on the host
     times = []
@@ -119,7 +131,7 @@ def main():
     p.add_argument("--variants", default="", help="seqs to rerun under each non-default config")
     p.add_argument("--quick", action="store_true", help="only the default and embedding-on-cpu configs")
     p.add_argument("--graphs", action="store_true", help="the step as CUDA graphs (configs that rule them "
-                   "out, such as the embedding on the CPU, are skipped with the reason)")
+                   "out, such as experts in groups, are skipped with the reason)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -132,19 +144,15 @@ def main():
             continue
         model, r = load(args.checkpoint, options)
         result["loads"].append(r)
-        inject(model, rank=16, alpha=16, dropout=0.0)
-        model.gradient_checkpointing = True
-        model.train()
-        params = [p for _, p in lora_parameters(model)]
+        params, opt = train_lora(model)
         graphed = None
         if args.graphs:
             problem = graph_problem(model)
             if problem is not None:
                 print(json.dumps({"config": name, "graphs_skipped": problem}), flush=True)
-                del model
+                del model, opt
                 continue
             graphed = GraphedStep(model, params)
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name, graphed)
         del model, opt, graphed
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GptOss, GptOssConfig  # noqa: E402
 from model.attention import eager_attention, flex_attention_with_sinks  # noqa: E402
-from model.moe import Experts, moe_reference  # noqa: E402
+from model.moe import MLP, Experts, moe_reference  # noqa: E402
 from model.nf4 import NF4Experts  # noqa: E402
 
 
@@ -67,14 +67,14 @@ def main():
                   f"grad rel q {rel(fg[0], eg[0]):.2e} k {rel(fg[1], eg[1]):.2e} v {rel(fg[2], eg[2]):.2e} "
                   f"sinks {rel(fg[3], eg[3]):.2e}")
 
-    # 3. grouped experts at 20b's widths (8 experts to keep it small), bf16 vs the loop in fp64
+    # 3. grouped experts at 20b's widths (8 experts to keep it small) vs the per-expert loop, both bf16
     cfg = GptOssConfig(num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=4)
-    mlp = GptOss(cfg).model.layers[0].mlp.to(dev)
-    x = torch.randn(1, 2048, 2880, device=dev)
-    mlp_b = GptOss(cfg).model.layers[0].mlp.to(dev)
-    mlp_b.load_state_dict(mlp.state_dict())
+    mlp_b = MLP(cfg).to(dev)
+    with torch.no_grad():
+        for p in mlp_b.parameters():
+            p.normal_(0, 0.02)
     mlp_b = mlp_b.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16).requires_grad_()
+    xb = torch.randn(1, 2048, 2880, device=dev, dtype=torch.bfloat16).requires_grad_()
     out, (gx,) = grads(mlp_b, (xb,))
     ref_out, (gref,) = grads(lambda a: moe_reference(mlp_b, a), (xb,))
     print(f"grouped experts vs per-expert loop, both bf16: out rel {rel(out, ref_out):.2e}, grad rel {rel(gx, gref):.2e}")

@@ -80,13 +80,11 @@ def main():
             tiles = {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
             r = {"proj": name, "tiles": tiles}
             try:
-                nf4_gemm.TILES = dict(tiles)
-                r["fwd_rel_err"] = rel(nf4_gemm.grouped_mm(x, w, offsets, bias), ref)
-                r["fwd_ms"] = timed(lambda: nf4_gemm.grouped_mm(x, w, offsets, bias))
+                r["fwd_rel_err"] = rel(nf4_gemm.grouped_mm(x, w, offsets, bias, tiles), ref)
+                r["fwd_ms"] = timed(lambda: nf4_gemm.grouped_mm(x, w, offsets, bias, tiles))
                 r["fwd_TFLOPs"] = round(flops / r["fwd_ms"] / 1e9, 1)
-                nf4_gemm.TILES_T = dict(tiles)
-                r["bwd_rel_err"] = rel(nf4_gemm.grouped_mm_t(dy, w, offsets), ref_t)
-                r["bwd_ms"] = timed(lambda: nf4_gemm.grouped_mm_t(dy, w, offsets))
+                r["bwd_rel_err"] = rel(nf4_gemm.grouped_mm_t(dy, w, offsets, tiles), ref_t)
+                r["bwd_ms"] = timed(lambda: nf4_gemm.grouped_mm_t(dy, w, offsets, tiles))
                 r["bwd_TFLOPs"] = round(flops / r["bwd_ms"] / 1e9, 1)
             except Exception as e:  # a tile that does not fit the GPU's shared memory, say
                 r["error"] = repr(e)[:200]

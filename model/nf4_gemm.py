@@ -163,12 +163,12 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def grouped_mm(x, w, offsets, bias=None):
+def grouped_mm(x, w, offsets, bias=None, tiles: dict = TILES):
     """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]), bf16."""
     e, k, n = _check(x, w, offsets)
     assert x.shape[1] == k, (x.shape, w.shape)
     y = x.new_empty(x.shape[0], n)
-    t = TILES
+    t = tiles
     grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     code = w.state.code.to(device=x.device, dtype=torch.float32)
     _grouped_mm_kernel[grid](x, w.packed, scales(w), code, offsets, bias if bias is not None else y, y,
@@ -176,12 +176,12 @@ def grouped_mm(x, w, offsets, bias=None):
     return y
 
 
-def grouped_mm_t(dy, w, offsets):
+def grouped_mm_t(dy, w, offsets, tiles: dict = TILES_T):
     """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T, bf16."""
     e, k, n = _check(dy, w, offsets)
     assert dy.shape[1] == n, (dy.shape, w.shape)
     dx = dy.new_empty(dy.shape[0], k)
-    t = TILES_T
+    t = tiles
     grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
     code = w.state.code.to(device=dy.device, dtype=torch.float32)
     _grouped_mm_t_kernel[grid](dy, w.packed, scales(w), code, offsets, dx, k, n, e, **t)
