@@ -3,7 +3,9 @@
 For each expert projection (gate_up: 2880 -> 5760, down: 2880 -> 2880; 32 experts, top-4 routing
 of 2048 tokens = 8192 rows) and each direction (y = x W, dx = dy W^T), compares the kernel with
 bitsandbytes' dequantisation followed by torch._grouped_mm (the path it replaces): relative error,
-and time per call for each tile configuration. Prints one JSON line per measurement.
+and time per call for each tile configuration. Then gate_up with the SwiGLU in its epilogue
+(`grouped_mm_swiglu`) against the product followed by model/moe.py's compiled SwiGLU. Prints one
+JSON line per measurement.
     python bench/tune_nf4_gemm.py [--rows 8192] [--out tune.json]
 """
 import argparse
@@ -15,11 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import nf4_gemm  # noqa: E402
+from model.moe import swiglu  # noqa: E402
 from model.nf4 import NF4Tensor  # noqa: E402
 
 CONFIGS = [  # BM, BN, BK, warps, stages
-    (128, 128, 64, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 3),
-    (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+    (128, 128, 64, 4, 3), (256, 64, 64, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
 ]
 
 
@@ -37,6 +40,25 @@ def timed(fn, reps=20):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def epilogues(rows, offsets, alpha=1.702, limit=7.0):
+    """gate_up's SwiGLU inside the kernel against the separate compiled SwiGLU, gpt-oss-20b's shapes."""
+    experts, hidden, inter = offsets.numel(), 2880, 2880
+    w_gu = NF4Tensor(torch.randn(experts, hidden, 2 * inter, device="cuda", dtype=torch.bfloat16) * 0.02)
+    bias = torch.randn(experts, 2 * inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) * 4     # some of y past the clamps
+    y = nf4_gemm.grouped_mm(x, w_gu, offsets, bias)
+    y2, h = nf4_gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit)
+    h_ref = swiglu(y, alpha, limit)
+    r = {"epilogue": "swiglu", "rows": rows, "y_differ": int((y2 != y).sum()), "clamped": int((y.abs() > limit).sum()),
+         "h_rel_err": rel(h, h_ref), "h_differ": int((h != h_ref).sum()), "of": h.numel(),
+         "separate_ms": timed(lambda: swiglu(nf4_gemm.grouped_mm(x, w_gu, offsets, bias), alpha, limit)),
+         "fused_ms": timed(lambda: nf4_gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit)),
+         "fused_h_only_ms": timed(lambda: nf4_gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit,
+                                                                      keep_y=False))}
+    print(json.dumps(r), flush=True)
+    return [r]
 
 
 def main():
@@ -90,6 +112,7 @@ def main():
                 r["error"] = repr(e)[:200]
             print(json.dumps(r), flush=True)
             results.append(r)
+    results += epilogues(args.rows, offsets)
     with open(args.out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -15,6 +15,11 @@ elements 2b (high nibble) and 2b + 1 (low nibble), and a block's scale is its fp
     grouped_mm(x, w, offsets, bias)      y[r] = x[r] @ W[e] + bias[e]    for rows r of expert e
     grouped_mm_t(dy, w, offsets)         dx[r] = dy[r] @ W[e]^T          (the input's gradient)
 
+    grouped_mm_swiglu(x, w, offsets, bias, alpha, limit)   y as grouped_mm's, and h = SwiGLU(y)
+
+The expert MLP's SwiGLU rides in gate_up's epilogue: `grouped_mm_swiglu` computes h from the tile it
+holds, so y is not read back for it.
+
 Each result is the same as dequantising and multiplying: the weights come out bit-identical to
 bitsandbytes' dequantisation, only the order of the fp32 sums differs (tests/test_nf4_gemm.py runs
 the kernels in Triton's interpreter on the CPU; bench/tune_nf4_gemm.py and check_cuda.py on the GPU).
@@ -100,16 +105,16 @@ if triton is not None:
 
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr,
-                           K, N, num_experts, HAS_BIAS: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile
+    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
+                           K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
+                           SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile.
+        # SWIGLU: also h = gpt-oss's clamped SwiGLU of y, whose gate and up are y's even and odd columns
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
-        cols = tile_n * BN + tl.arange(0, BN)
-        row_ok, col_ok = rows < end, cols < N
+        row_ok = rows < end
         even = tl.full((BM, BN // 2), 0.0, tl.float32)    # the tile's even and odd columns: the weights'
         odd = tl.full((BM, BN // 2), 0.0, tl.float32)     # two nibbles of a byte, never interleaved per step
         for k0 in range(0, K, BK):
@@ -121,38 +126,51 @@ if triton is not None:
                                    x.dtype, BN)
             even = tl.dot(x, hi, even)
             odd = tl.dot(x, lo, odd)
-        acc = tl.reshape(tl.join(even, odd), (BM, BN))
+        half = tile_n * (BN // 2) + tl.arange(0, BN // 2)  # y's columns 2 * half (even) and 2 * half + 1 (odd)
+        ok = row_ok[:, None] & (half < N // 2)[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+            even += tl.load(bias_ptr + expert * N + 2 * half, mask=half < N // 2, other=0.0).to(tl.float32)[None, :]
+            odd += tl.load(bias_ptr + expert * N + 2 * half + 1, mask=half < N // 2, other=0.0).to(tl.float32)[None, :]
+        if STORE_Y:
+            cols = tile_n * BN + tl.arange(0, BN)
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                     tl.reshape(tl.join(even, odd), (BM, BN)).to(y_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < N)[None, :])
+        if SWIGLU:  # on y rounded to its dtype, as when y is stored and read back
+            dtype = h_ptr.dtype.element_ty
+            gate = tl.minimum(even.to(dtype).to(tl.float32), limit)
+            up = tl.minimum(tl.maximum(odd.to(dtype).to(tl.float32), -limit), limit)
+            h = (up + 1) * gate * (1 / (1 + tl.exp(-alpha * gate)))
+            tl.store(h_ptr + rows[:, None].to(tl.int64) * (N // 2) + half[None, :], h.to(dtype), mask=ok)
 
     @triton.jit
     def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
                              K, N, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-        # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N
+        # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N.
+        # It is computed transposed, dx^T = W[e] dy^T: the dequantised weights are then the product's
+        # left operand, which Hopper's wgmma reads from registers (no trip through shared memory).
         expert, first, end, tile_k = _program_tile(offsets_ptr, num_experts, K, BM, BK)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
         ks = tile_k * BK + tl.arange(0, BK)
         row_ok, k_ok = rows < end, ks < K
-        acc = tl.full((BM, BK), 0.0, tl.float32)
+        acc = tl.full((BK, BM), 0.0, tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
-            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                         mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
-            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dy.dtype, BN)
+            dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + cols[:, None],
+                           mask=row_ok[None, :] & (cols < N)[:, None], other=0.0)
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dy_t.dtype, BN)
             w = tl.reshape(tl.join(hi, lo), (BK, BN))                 # hi, lo, hi, lo... as dy's columns
-            acc = tl.dot(dy, tl.trans(w), acc)
-        tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+            acc = tl.dot(w, dy_t, acc)
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], tl.trans(acc).to(dx_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
 
 
 # Tile sizes chosen on an H100 with bench/tune_nf4_gemm.py at 8192 rows (docs/BENCHMARKS.md); the
 # contiguous dim's tiles hold whole blocks of 64. The interpreter takes any.
 TILES = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}    # y = x @ W
-TILES_T = {"BM": 256, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}   # dx = dy @ W^T (BN: the sum)
+TILES_T = {"BM": 256, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}   # dx = dy @ W^T (BN: the sum)
 
 
 def _check(x, w, offsets):
@@ -163,21 +181,37 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict = TILES):
-    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]), bf16."""
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
     e, k, n = _check(x, w, offsets)
     assert x.shape[1] == k, (x.shape, w.shape)
-    y = x.new_empty(x.shape[0], n)
+    y = x.new_empty(x.shape[0], n) if store_y else None
+    h = x.new_empty(x.shape[0], n // 2) if swiglu else None
+    alpha, limit = swiglu or (0.0, 0.0)
     t = tiles
     grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     code = w.state.code.to(device=x.device, dtype=torch.float32)
-    _grouped_mm_kernel[grid](x, w.packed, scales(w), code, offsets, bias if bias is not None else y, y,
-                             k, n, e, HAS_BIAS=bias is not None, **t)
-    return y
+    some = y if store_y else h                                 # stands in for the pointers not used
+    _grouped_mm_kernel[grid](x, w.packed, scales(w), code, offsets, bias if bias is not None else some, some,
+                             h if swiglu else some, k, n, e, alpha, limit, HAS_BIAS=bias is not None,
+                             STORE_Y=store_y, SWIGLU=swiglu is not None, **t)
+    return y, h
+
+
+def grouped_mm(x, w, offsets, bias=None, tiles: dict = TILES):
+    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e])."""
+    return _forward(x, w, offsets, bias, None, True, tiles)[0]
+
+
+def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict = TILES):
+    """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
+
+    Returns (y, h), y None unless `keep_y` (the backward needs it; a forward without gradient does not).
+    """
+    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles)
 
 
 def grouped_mm_t(dy, w, offsets, tiles: dict = TILES_T):
-    """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T, bf16."""
+    """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T."""
     e, k, n = _check(dy, w, offsets)
     assert dy.shape[1] == n, (dy.shape, w.shape)
     dx = dy.new_empty(dy.shape[0], k)
