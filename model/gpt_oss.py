@@ -5,6 +5,8 @@ so a checkpoint's keys are our state_dict's keys.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -13,7 +15,7 @@ from .attention import Attention
 from .config import GptOssConfig
 from .kernels import cuda_compiled
 from .loss import chunked_cross_entropy, cross_entropy_rows
-from .moe import MLP
+from .moe import MLP, recomputation
 from .rope import rotary_cos_sin
 
 
@@ -61,6 +63,11 @@ def hub_shapes(config: GptOssConfig) -> dict[str, tuple]:
     """Every tensor of the model by its hub name, with its shape in the dense layout (built on meta: no memory)."""
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in GptOss(config).state_dict().items()}
+
+
+def _mark_recomputation():
+    """checkpoint's context_fn: nothing around the forward, `moe.recomputation` around the recomputation."""
+    return contextlib.nullcontext(), recomputation()
 
 
 class GptOss(nn.Module):
@@ -124,7 +131,8 @@ class GptOss(nn.Module):
         keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         for block in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False, preserve_rng_state=keep_rng)
+                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False, preserve_rng_state=keep_rng,
+                               context_fn=_mark_recomputation)
             else:
                 x = block(x, cos, sin, impl)
         return self.model.norm(x)

@@ -6,6 +6,9 @@ two projections is one grouped matrix product over all experts (`torch._grouped_
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,6 +44,17 @@ def swiglu_reference(gate_up, alpha: float, limit: float):
     return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
 
+def swiglu_backward(gate_up, dh, alpha: float, limit: float):
+    """The gradient of `swiglu_reference`'s input from its output's gradient dh."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    g, u = gate.clamp(max=limit), up.clamp(-limit, limit)
+    s = torch.sigmoid(alpha * g)
+    # clamp passes the gradient where the input lies within its bounds, ends included
+    d_gate = dh * (u + 1) * s * (1 + alpha * g * (1 - s)) * (gate <= limit)
+    d_up = dh * g * s * ((up >= -limit) & (up <= limit))
+    return torch.stack((d_gate, d_up), dim=-1).flatten(-2)
+
+
 class _SwiGLU(torch.autograd.Function):
     """`swiglu_reference` with a hand-written backward that keeps only its input.
 
@@ -57,19 +71,60 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (gate_up,) = ctx.saved_tensors
-        a, lim = ctx.alpha, ctx.limit
-        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
-        g, u = gate.clamp(max=lim), up.clamp(-lim, lim)
-        s = torch.sigmoid(a * g)
-        # clamp passes the gradient where the input lies within its bounds, ends included
-        d_gate = dy * (u + 1) * s * (1 + a * g * (1 - s)) * (gate <= lim)
-        d_up = dy * g * s * ((up >= -lim) & (up <= lim))
-        return torch.stack((d_gate, d_up), dim=-1).flatten(-2), None, None
+        return swiglu_backward(gate_up, dy, ctx.alpha, ctx.limit), None, None
 
 
 @cuda_compiled
 def swiglu(gate_up, alpha: float, limit: float):
     return _SwiGLU.apply(gate_up, alpha, limit)
+
+
+@cuda_compiled
+def expert_mlp_backward(gate_up, g, w, alpha: float, limit: float):
+    """The expert MLP's backward past down, for out = w * (SwiGLU(gate_up) @ W_down + b) per row.
+
+    g = d_out @ W_down^T (unweighted), w the rows' routing weights. Returns the gradient of gate_up
+    and each row's <g, h>, h = SwiGLU(gate_up) rebuilt here: the part of the routing weight's
+    gradient <d_out, h @ W_down + b> that comes through W_down.
+    """
+    h = swiglu_reference(gate_up, alpha, limit)
+    gh = (g.float() * h.float()).sum(-1)
+    return swiglu_backward(gate_up, g * w[:, None].to(g.dtype), alpha, limit), gh
+
+
+class _Recomputation(threading.local):
+    active = False
+
+
+_RECOMPUTATION = _Recomputation()  # per thread: the recomputation runs on autograd's thread
+
+
+@contextlib.contextmanager
+def recomputation():
+    """Marks gradient checkpointing's recomputation of a block (model/gpt_oss.py passes it to checkpoint).
+
+    A recomputation keeps only the tensors the backward saved; whatever comes after the last of them
+    in the block is wasted work, which `in_recomputation` lets an expert layer skip.
+    """
+    before, _RECOMPUTATION.active = _RECOMPUTATION.active, True
+    try:
+        yield
+    finally:
+        _RECOMPUTATION.active = before
+
+
+def in_recomputation() -> bool:
+    return _RECOMPUTATION.active
+
+
+def sort_by_expert(idx, num_experts: int):
+    """(tokens, k) expert indices -> the (token, expert) pairs sorted by expert: order (indices into
+    idx.reshape(-1), stable), each sorted pair's expert, and the pairs per expert (on idx's device)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # (bincount would read the largest index back to the host: a sync per layer)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    return order, flat[order], counts
 
 
 def use_grouped_kernel(x) -> bool:
@@ -114,13 +169,8 @@ class Experts(nn.Module):
     def forward(self, x, weights, idx):
         """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden)."""
         n, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)                # (tokens*k,) pairs grouped by expert
-        expert = flat[order]
+        order, expert, counts_t = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs by expert
         token = order // k
-        # (bincount would read the largest index back to the host: a sync per layer)
-        counts_t = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))
         offsets = counts_t.cumsum(0).to(torch.int32)
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
         counts = None if use_grouped_kernel(x) else counts_t.tolist()

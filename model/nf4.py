@@ -2,9 +2,10 @@
 
 `NF4Linear` replaces an nn.Linear; `NF4Experts` replaces a layer's dense experts and keeps the
 grouped computation. On CUDA each expert projection is one Triton kernel that reads the 4-bit codes
-directly (model/nf4_gemm.py), forward and backward; elsewhere, or with the experts split in groups,
-it dequantises the layer's experts and runs one grouped matrix product. Nothing keeps a dequantised
-weight for the backward: it is rebuilt there.
+directly (model/nf4_gemm.py), forward and backward; with frozen biases (LoRA's case) the whole
+layer is one autograd function, `_NF4ExpertLayer`, that skips down in checkpointing's recomputation.
+Elsewhere, or with the experts split in groups, it dequantises the layer's experts and runs one
+grouped matrix product. Nothing keeps a dequantised weight for the backward: it is rebuilt there.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4_gemm
-from .moe import Experts, grouped_matmul, use_grouped_kernel
+from .moe import (Experts, expert_mlp_backward, grouped_matmul, in_recomputation, sort_by_expert,
+                  use_grouped_kernel)
 
 BLOCKSIZE = 64
 
@@ -128,7 +130,7 @@ class _GroupedNF4(torch.autograd.Function):
 
 
 class _FusedNF4(torch.autograd.Function):
-    """x @ W[e] + bias[e] with the dequantisation inside the product (model/nf4_gemm.py), both ways."""
+    """x @ W[e] (+ bias[e], frozen) with the dequantisation inside the product (model/nf4_gemm.py), both ways."""
 
     @staticmethod
     def forward(ctx, x, w: NF4Tensor, offsets, bias):
@@ -140,6 +142,55 @@ class _FusedNF4(torch.autograd.Function):
     def backward(ctx, dy):
         (offsets,) = ctx.saved_tensors
         return nf4_gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None
+
+
+class _NF4ExpertLayer(torch.autograd.Function):
+    """A layer's frozen NF4 experts, from the routing to the weighted sum, with a backward of its own.
+
+    The backward keeps only gate_up's output y (as the unfused SwiGLU does): down's input gradient
+    is w * (d_out @ W_down^T), and the routing weight's gradient <d_out, h @ W_down + b> splits into
+    <d_out @ W_down^T, h> + <d_out, b> with h = SwiGLU(y) rebuilt from y. Nothing past gate_up is
+    needed again, so in gradient checkpointing's recomputation (`moe.in_recomputation`) down and the
+    weighted sum are skipped: five NF4 products a checkpointed step instead of six (gate_up, with the
+    SwiGLU in its epilogue, in the forward and the recomputation; down once; a transposed product
+    each in the backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, idx, layer: "NF4Experts"):
+        n, k = idx.shape
+        order, _, counts = sort_by_expert(idx, layer.num_experts)
+        offsets, token = counts.cumsum(0).to(torch.int32), order // k
+        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
+        keep = any(ctx.needs_input_grad[:2])
+        dtype = gate_up.dtype
+        y, h = nf4_gemm.grouped_mm_swiglu(x.to(dtype)[token], gate_up, offsets,   # rows: (token, expert) pairs
+                                          layer.gate_up_proj_bias.to(dtype), layer.alpha, layer.limit, keep_y=keep)
+        if keep:
+            ctx.save_for_backward(y, weights, idx, order, offsets)
+            ctx.layer = layer
+        if in_recomputation():
+            return torch.zeros_like(x)                 # not used: the recomputation wanted the saved tensors
+        out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(dtype))
+        del h
+        out = out * weights.reshape(-1)[order, None].to(dtype)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y, weights, idx, order, offsets = ctx.saved_tensors
+        layer, (n, k) = ctx.layer, idx.shape
+        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
+        g = nf4_gemm.grouped_mm_t(d_out.to(y.dtype)[order // k], down, offsets)   # d_out @ W_down^T by row
+        dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
+        del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
+        dxs = nf4_gemm.grouped_mm_t(dy, gate_up, offsets)
+        del dy
+        # each token's k rows summed by gathering them back into (token, slot) order: no atomics
+        dx = dxs[inverse].view(n, k, -1).sum(1).to(d_out.dtype)
+        dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
+        return dx, dw.to(weights.dtype), None, None
 
 
 class NF4Experts(Experts):
@@ -169,8 +220,11 @@ class NF4Experts(Experts):
         ws = self.nf4[name]
         x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
         if len(ws) == 1 and nf4_gemm.available(x):  # one kernel each way, no bf16 copy of the weights
-            return _FusedNF4.apply(x.contiguous(), ws[0], offsets, bias.to(x.dtype))
-        y = _GroupedNF4.apply(x, ws, counts, offsets)
+            if not bias.requires_grad:               # (the kernel adds a frozen bias; a trained one is added here)
+                return _FusedNF4.apply(x.contiguous(), ws[0], offsets, bias.to(x.dtype))
+            y = _FusedNF4.apply(x.contiguous(), ws[0], offsets, None)
+        else:
+            y = _GroupedNF4.apply(x, ws, counts, offsets)
         return y + bias[expert].to(y.dtype)
 
     def gate_up(self, x, expert, counts, offsets):
@@ -178,6 +232,14 @@ class NF4Experts(Experts):
 
     def down(self, x, expert, counts, offsets):
         return self._project("down_proj", x, expert, counts, offsets)
+
+    def forward(self, x, weights, idx):
+        """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), `_NF4ExpertLayer`."""
+        one = len(self.nf4["gate_up_proj"]) == len(self.nf4["down_proj"]) == 1
+        frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
+        if one and frozen and nf4_gemm.available(x.to(self.nf4["gate_up_proj"][0].dtype)):
+            return _NF4ExpertLayer.apply(x, weights, idx, self)
+        return super().forward(x, weights, idx)
 
 
 def nf4_bytes(model: nn.Module) -> int:

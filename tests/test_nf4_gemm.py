@@ -64,9 +64,9 @@ def test_scales_undo_the_double_quantisation(gemm):
     assert torch.equal(by_hand.view(w.shape), w.dequantize())
 
 
-def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkeypatch):
-    """A layer's NF4 experts through the kernels equal the same layer dequantised, values and input gradient."""
-    torch.manual_seed(2)
+def nf4_and_dense_experts(seed=2):
+    """A tiny config's NF4 experts and a dense twin holding the dequantised weights (float32)."""
+    torch.manual_seed(seed)
     config = GptOssConfig.from_name("tiny")
     dense = Experts(config)
     for p in dense.parameters():
@@ -76,20 +76,99 @@ def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkey
     nf4.down_proj_bias.data.copy_(dense.down_proj_bias)
     for name in ("gate_up_proj", "down_proj"):
         nf4.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
-        getattr(dense, name).data.copy_(nf4.dequantized(name))   # the dense twin holds the same weights
+        getattr(dense, name).data.copy_(nf4.dequantized(name))
+    return config, nf4, dense
 
+
+def routed_tokens(config, n=23):
+    x = torch.randn(n, config.hidden_size) * 4                    # large enough to reach the SwiGLU's clamps
+    weights = torch.rand(n, config.num_experts_per_tok).softmax(-1)
+    idx = torch.stack([torch.randperm(config.num_local_experts)[:config.num_experts_per_tok] for _ in range(n)])
+    return x, weights, idx
+
+
+def count_calls(gemm, monkeypatch):
     calls = []
-    for name in ("grouped_mm", "grouped_mm_t"):
+    for name in ("grouped_mm", "grouped_mm_t", "grouped_mm_swiglu"):
         fn = getattr(gemm, name)
         monkeypatch.setattr(gemm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
-    x = torch.randn(23, config.hidden_size)
-    weights = torch.rand(23, config.num_experts_per_tok).softmax(-1)
-    idx = torch.stack([torch.randperm(config.num_local_experts)[:config.num_experts_per_tok] for _ in range(23)])
+    return calls
+
+
+@pytest.mark.parametrize("train_biases", [False, True])
+def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkeypatch, train_biases):
+    """A layer's NF4 experts through the kernels equal the same layer dequantised: output, and the
+    gradients of the input, the routing weights and (when they train) the biases.
+
+    Frozen biases (LoRA's case) take `_NF4ExpertLayer`, with its own backward; biases that train take
+    Experts.forward over the separate products.
+    """
+    config, nf4, dense = nf4_and_dense_experts()
+    biases = ("gate_up_proj_bias", "down_proj_bias")
+    for name in biases:
+        getattr(nf4, name).requires_grad_(train_biases)
+        getattr(dense, name).requires_grad_(train_biases)
+    x, weights, idx = routed_tokens(config)
+    assert nf4.limit < 8, "x * 4 is meant to reach the clamps"
+    calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = nf4(x1, weights, idx), dense(x2, weights, idx)
+    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    y1, y2 = nf4(x1, w1, idx), dense(x2, w2, idx)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
-    assert calls.count("grouped_mm") == 2 and calls.count("grouped_mm_t") == 2, calls
+    layer = ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]
+    assert calls == (["grouped_mm"] * 2 + ["grouped_mm_t"] * 2 if train_biases else layer), calls
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
+    for name in biases:
+        if train_biases:
+            torch.testing.assert_close(getattr(nf4, name).grad, getattr(dense, name).grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert getattr(nf4, name).grad is None
+
+
+def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, monkeypatch):
+    """Under the model's checkpointing, the recomputation runs gate_up only, and every gradient is
+    bit-identical to the same layer without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    from model.gpt_oss import _mark_recomputation
+    config, nf4, _ = nf4_and_dense_experts(seed=4)
+    nf4.requires_grad_(False)
+    x, weights, idx = routed_tokens(config)
+    calls = count_calls(gemm, monkeypatch)
+    grads = {}
+    for checkpointed in (False, True):
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        calls.clear()
+        if checkpointed:
+            y = checkpoint(nf4, xi, wi, idx, use_reentrant=False, context_fn=_mark_recomputation)
+        else:
+            y = nf4(xi, wi, idx)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads[checkpointed] = (y.detach(), xi.grad, wi.grad, list(calls))
+    assert grads[False][3] == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]
+    assert grads[True][3] == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_swiglu", "grouped_mm_t", "grouped_mm_t"]
+    for a, b in zip(grads[False][:3], grads[True][:3]):
+        assert torch.equal(a, b)
+
+
+def test_swiglu_epilogue_equals_the_separate_swiglu(gemm):
+    """gate_up with the SwiGLU in its epilogue stores the same y and the model's SwiGLU of it, also
+    where the clamps bind; without keep_y it stores h alone."""
+    from model.moe import swiglu
+    torch.manual_seed(3)
+    experts, hidden, inter, counts = 3, 64, 96, [40, 0, 131]
+    w_gu = NF4Tensor(torch.randn(experts, hidden, 2 * inter), compute_dtype=torch.float32)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    bias = torch.randn(experts, 2 * inter)
+    x = torch.randn(sum(counts), hidden)
+    alpha, limit = 1.702, 7.0
+
+    y, h = gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit)
+    assert torch.equal(y, gemm.grouped_mm(x, w_gu, offsets, bias))       # the same tile, stored as before
+    assert (y[:, 0::2] > limit).any() and (y[:, 1::2].abs() > limit).any()  # both clamps are exercised
+    torch.testing.assert_close(h, swiglu(y, alpha, limit), rtol=1e-5, atol=1e-5)
+    none, h2 = gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit, keep_y=False)
+    assert none is None and torch.equal(h2, h)
