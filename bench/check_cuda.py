@@ -93,17 +93,18 @@ def main():
         nf4.load_state_dict({k: v for k, v in ex.state_dict().items() if k.endswith("bias")}, strict=False)
         for name in ("gate_up_proj", "down_proj"):
             nf4.set_weight(name, getattr(ex, name).detach().to(dev))
+        nf4.requires_grad_(False)  # frozen biases, as under LoRA: the fused MLP's condition
         dense = Experts(cfg).to(dev).to(torch.bfloat16)
         with torch.no_grad():
             dense.gate_up_proj.copy_(nf4.dequantized("gate_up_proj"))
             dense.down_proj.copy_(nf4.dequantized("down_proj"))
             dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
             dense.down_proj_bias.copy_(ex.down_proj_bias)
-        do, (dg,) = grads(lambda a: dense(a, w, idx), (xt.clone().requires_grad_(),))
-        no, (ng,) = grads(lambda a: nf4(a, w, idx), (xt.clone().requires_grad_(),))
-        path = "the fused NF4 kernels" if group == cfg.num_local_experts else "dequantise, then _grouped_mm"
+        do, (dg, dwg) = grads(lambda a, b: dense(a, b, idx), (xt.clone().requires_grad_(), w.clone().requires_grad_()))
+        no, (ng, nwg) = grads(lambda a, b: nf4(a, b, idx), (xt.clone().requires_grad_(), w.clone().requires_grad_()))
+        path = "_NF4ExpertLayer" if group == cfg.num_local_experts else "dequantise, then _grouped_mm"
         print(f"NF4 experts group={group} ({path}) vs dense on dequantised weights: out rel {rel(no, do):.2e}, "
-              f"grad rel {rel(ng, dg):.2e}")
+              f"grad rel x {rel(ng, dg):.2e}, routing weights {rel(nwg, dwg):.2e}")
 
 
 def check_fused():
