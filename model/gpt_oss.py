@@ -66,7 +66,11 @@ def hub_shapes(config: GptOssConfig) -> dict[str, tuple]:
 
 
 def _mark_recomputation():
-    """checkpoint's context_fn: nothing around the forward, `moe.recomputation` around the recomputation."""
+    """checkpoint's context_fn: nothing around the forward, `moe.recomputation` around the recomputation.
+
+    An NF4 expert layer skips its tail there (model/nf4.py), which is sound because each checkpointed
+    region is one block, and nothing in a block after its expert layer saves a tensor for the backward.
+    """
     return contextlib.nullcontext(), recomputation()
 
 

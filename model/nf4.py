@@ -158,23 +158,25 @@ class _NF4ExpertLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, idx, layer: "NF4Experts"):
+        """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         n, k = idx.shape
         order, _, counts = sort_by_expert(idx, layer.num_experts)
         offsets, token = counts.cumsum(0).to(torch.int32), order // k
         gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
         keep = any(ctx.needs_input_grad[:2])
-        dtype = gate_up.dtype
-        y, h = nf4_gemm.grouped_mm_swiglu(x.to(dtype)[token], gate_up, offsets,   # rows: (token, expert) pairs
-                                          layer.gate_up_proj_bias.to(dtype), layer.alpha, layer.limit, keep_y=keep)
+        y, h = nf4_gemm.grouped_mm_swiglu(x[token], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
+                                          layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, offsets)
             ctx.layer = layer
         if in_recomputation():
-            return torch.zeros_like(x)                 # not used: the recomputation wanted the saved tensors
-        out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(dtype))
+            # The recomputation wanted the saved tensors and stops once it has them; the block's last
+            # saving op is this one, so the output is never used. NaN makes any misuse loud.
+            return torch.full_like(x, float("nan"))
+        out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
-        out = out * weights.reshape(-1)[order, None].to(dtype)
-        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        out = out * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -182,13 +184,13 @@ class _NF4ExpertLayer(torch.autograd.Function):
         layer, (n, k) = ctx.layer, idx.shape
         gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
-        g = nf4_gemm.grouped_mm_t(d_out.to(y.dtype)[order // k], down, offsets)   # d_out @ W_down^T by row
+        g = nf4_gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
         dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
         del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
         dxs = nf4_gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = dxs[inverse].view(n, k, -1).sum(1).to(d_out.dtype)
+        dx = dxs[inverse].view(n, k, -1).sum(1)
         dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
         return dx, dw.to(weights.dtype), None, None
 
@@ -235,10 +237,11 @@ class NF4Experts(Experts):
 
     def forward(self, x, weights, idx):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), `_NF4ExpertLayer`."""
-        one = len(self.nf4["gate_up_proj"]) == len(self.nf4["down_proj"]) == 1
+        gate_up, down = self.nf4["gate_up_proj"], self.nf4["down_proj"]
+        xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
-        if one and frozen and nf4_gemm.available(x.to(self.nf4["gate_up_proj"][0].dtype)):
-            return _NF4ExpertLayer.apply(x, weights, idx, self)
+        if len(gate_up) == len(down) == 1 and frozen and nf4_gemm.available(xc):
+            return _NF4ExpertLayer.apply(xc, weights, idx, self).to(x.dtype)
         return super().forward(x, weights, idx)
 
 

@@ -6,7 +6,6 @@ Expected harmony strings are written by hand from the format's specification (gp
 
 import json
 import sys
-import time
 
 import datasets
 import pytest
@@ -29,9 +28,7 @@ def special(tok, name):
 # --- tokenizer -------------------------------------------------------------------------------
 
 def test_tiny_tokenizer_is_small_deterministic_and_carries_harmony_tokens(tok):
-    start = time.perf_counter()
     again = tiny_tokenizer()
-    assert time.perf_counter() - start < 1.0
     assert again.to_str() == tok.to_str()
     assert tok.get_vocab_size() <= 1024
     added = tok.get_added_tokens_decoder()

@@ -129,10 +129,12 @@ def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkey
             assert getattr(nf4, name).grad is None
 
 
-def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, monkeypatch):
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, monkeypatch, early_stop):
     """Under the model's checkpointing, the recomputation runs gate_up only, and every gradient is
-    bit-identical to the same layer without checkpointing."""
-    from torch.utils.checkpoint import checkpoint
+    bit-identical to the same layer without checkpointing; also where checkpoint does not stop the
+    recomputation early (the layer's NaN stand-in output then flows on, into nothing saved)."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
     from model.gpt_oss import _mark_recomputation
     config, nf4, _ = nf4_and_dense_experts(seed=4)
     nf4.requires_grad_(False)
@@ -142,11 +144,13 @@ def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, mon
     for checkpointed in (False, True):
         xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
         calls.clear()
-        if checkpointed:
-            y = checkpoint(nf4, xi, wi, idx, use_reentrant=False, context_fn=_mark_recomputation)
-        else:
-            y = nf4(xi, wi, idx)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        with set_checkpoint_early_stop(early_stop):
+            if checkpointed:   # the layer and a residual add, as in a block
+                y = checkpoint(lambda a, b: a + nf4(a, b, idx), xi, wi, use_reentrant=False,
+                               context_fn=_mark_recomputation)
+            else:
+                y = xi + nf4(xi, wi, idx)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads[checkpointed] = (y.detach(), xi.grad, wi.grad, list(calls))
     assert grads[False][3] == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]
     assert grads[True][3] == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_swiglu", "grouped_mm_t", "grouped_mm_t"]
