@@ -96,7 +96,10 @@ class _Recomputation(threading.local):
     active = False
 
 
-_RECOMPUTATION = _Recomputation()  # per thread: the recomputation runs on autograd's thread
+# Global state (a flag, not a cache), and why: checkpoint replays the block's own call, so
+# no argument can tell the recomputation apart; its context_fn, which takes none, is the hook torch
+# gives. Per thread, since the recomputation runs on autograd's thread.
+_RECOMPUTATION = _Recomputation()
 
 
 @contextlib.contextmanager
