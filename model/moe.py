@@ -121,13 +121,22 @@ def in_recomputation() -> bool:
 
 
 def sort_by_expert(idx, num_experts: int):
-    """(tokens, k) expert indices -> the (token, expert) pairs sorted by expert: order (indices into
-    idx.reshape(-1), stable), each sorted pair's expert, and the pairs per expert (on idx's device)."""
+    """(tokens, k) expert indices -> the (token, expert) pairs sorted by expert, all on idx's device:
+    order (indices into idx.reshape(-1), stable), each sorted pair's expert, the pairs per expert
+    (int64) and their running total (int32, the grouped kernels' offsets)."""
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # (bincount would read the largest index back to the host: a sync per layer)
     counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
-    return order, flat[order], counts
+    return order, flat[order], counts, counts.cumsum(0).to(torch.int32)
+
+
+def weighted_sum(y, weights, order, x):
+    """Each token's expert outputs weighted by its routing weights and summed: y (tokens*k, hidden) in
+    sort_by_expert's order, weights (tokens, k) -> (tokens, hidden) like x."""
+    k = weights.shape[1]
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, order // k, y.to(x.dtype))
 
 
 def use_grouped_kernel(x) -> bool:
@@ -172,15 +181,12 @@ class Experts(nn.Module):
     def forward(self, x, weights, idx):
         """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden)."""
         n, k = idx.shape
-        order, expert, counts_t = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs by expert
-        token = order // k
-        offsets = counts_t.cumsum(0).to(torch.int32)
+        order, expert, counts_t, offsets = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
         counts = None if use_grouped_kernel(x) else counts_t.tolist()
-        h = swiglu(self.gate_up(x[token], expert, counts, offsets), self.alpha, self.limit)
+        h = swiglu(self.gate_up(x[order // k], expert, counts, offsets), self.alpha, self.limit)
         y = self.down(h, expert, counts, offsets)               # (tokens*k, hidden)
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        return weighted_sum(y, weights, order, x)
 
 
 class MLP(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import nf4_gemm
 from .moe import (Experts, expert_mlp_backward, grouped_matmul, in_recomputation, sort_by_expert,
-                  use_grouped_kernel)
+                  use_grouped_kernel, weighted_sum)
 
 BLOCKSIZE = 64
 
@@ -159,12 +159,11 @@ class _NF4ExpertLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, idx, layer: "NF4Experts"):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
-        n, k = idx.shape
-        order, _, counts = sort_by_expert(idx, layer.num_experts)
-        offsets, token = counts.cumsum(0).to(torch.int32), order // k
+        k = idx.shape[1]
+        order, _, _, offsets = sort_by_expert(idx, layer.num_experts)
         gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
         keep = any(ctx.needs_input_grad[:2])
-        y, h = nf4_gemm.grouped_mm_swiglu(x[token], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
+        y, h = nf4_gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
                                           layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, offsets)
@@ -175,8 +174,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
             return torch.full_like(x, float("nan"))
         out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
-        out = out * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return weighted_sum(out, weights, order, x)
 
     @staticmethod
     def backward(ctx, d_out):
