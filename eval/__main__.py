@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from data import load_tokenizer, read_split, tiny_tokenizer
+from data import MAX_LEN, load_tokenizer, read_split, tiny_tokenizer
 from eval.report import change, evaluate, format_table
-from data import MAX_LEN
 from model import GptOss, GptOssConfig, load_model
 
 

@@ -18,7 +18,6 @@ from model.moe import EXPERT_MATRICES, Experts, Router, grouped_matmul
 from model.nf4 import NF4Experts, NF4Linear
 
 
-
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """alpha / r, or rsLoRA's alpha / sqrt(r) (keeps the update's size steady as the rank grows)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
