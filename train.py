@@ -35,8 +35,9 @@ from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter
 from model import GptOss, GptOssConfig, load_model
-from model.cuda_graph import GraphedStep, graph_problem
-from model.loading import CheckpointError
+from model.fast import gate
+from model.fast.cuda_graph import GraphedStep, graph_problem
+from model.weights.loading import CheckpointError
 from model.loss import IGNORE
 
 DEFAULT_DATA = "walledai/JailbreakHub"
@@ -80,6 +81,8 @@ class TrainConfig:
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
     embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory)")
+    kernels: str = option("auto", "fast paths: auto (every one this GPU and the installed torch/Triton allow, "
+                          "printed at start) or plain (none: the plain twins, slower, same math)")
     cuda_graphs: str = option("auto", "replay each micro-batch's forward and backward as a CUDA graph, far "
                               "fewer launches from the host: on, off, or auto (on where the model allows it)")
     max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs); the learning-rate "
@@ -100,7 +103,7 @@ class TrainConfig:
 # (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "cuda_graphs"}
+                  "embedding_on_cpu", "cuda_graphs", "kernels"}
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
           "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
@@ -134,6 +137,8 @@ def train(config: TrainConfig) -> int:
     print("config:\n" + "\n".join(f"  {k:<24} {v}" for k, v in dataclasses.asdict(config).items()))
     if not tiny and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
+    if torch.cuda.is_available() and gate.bf16_problem(0):
+        raise UsageError(gate.bf16_problem(0))
     resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +158,9 @@ def train(config: TrainConfig) -> int:
     with user_errors("cannot put LoRA into the model"):
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
     params = [p for _, p in lora_parameters(model)]
-    graphed = step_path(model, params, config.cuda_graphs)
+    model.fast_paths = gate.decide(device, config.kernels)
+    print(f"fast paths on {device}:\n{model.fast_paths.describe()}")
+    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     train_set, val_set, fingerprint = load_data(config, tokenizer)
@@ -268,9 +275,9 @@ def train(config: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- one step
-def step_path(model, params, cuda_graphs: str) -> GraphedStep | None:
+def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedStep | None:
     """The GraphedStep that runs each micro-batch, or None for the eager step; says which, and why."""
-    problem = graph_problem(model) if cuda_graphs != "off" else "--cuda-graphs off"
+    problem = graph_problem(model, fast) if cuda_graphs != "off" else "--cuda-graphs off"
     if problem is not None and cuda_graphs == "on":
         raise UsageError(f"--cuda-graphs on, but the step cannot be a CUDA graph: {problem}. "
                          "Use --cuda-graphs auto or off")
@@ -278,7 +285,7 @@ def step_path(model, params, cuda_graphs: str) -> GraphedStep | None:
         print(f"step: eager, not CUDA graphs ({problem})")
         return None
     print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed)")
-    return GraphedStep(model, params)
+    return GraphedStep(model, params, fast)
 
 
 def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tuple[torch.Tensor, int]:
@@ -555,6 +562,8 @@ def check(config: TrainConfig):
         problems.append(f"--lr must be positive, not {config.lr}")
     if not 0 <= config.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.kernels not in ("auto", "plain"):
+        problems.append(f"--kernels must be auto or plain, not {config.kernels!r}")
     if config.cuda_graphs not in ("auto", "on", "off"):
         problems.append(f"--cuda-graphs must be auto, on or off, not {config.cuda_graphs!r}")
     if not 0 <= config.min_lr_ratio <= 1:

@@ -21,8 +21,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import step_time, train_lora  # noqa: E402  (bench/bench.py, beside this script)
 from model import load_model  # noqa: E402
-from model import moe, nf4, nf4_gemm  # noqa: E402
-from model.cuda_graph import GraphedStep  # noqa: E402
+from model import moe  # noqa: E402
+from model.weights import nf4  # noqa: E402
+from model.fast import gate, nf4_gemm, nf4_layer  # noqa: E402
+from model.fast.cuda_graph import GraphedStep  # noqa: E402
 
 
 def separate_swiglu(x, w, offsets, bias, alpha, limit, keep_y=True):
@@ -32,7 +34,7 @@ def separate_swiglu(x, w, offsets, bias, alpha, limit, keep_y=True):
 
 VARIANTS = {  # name -> (object, attribute, replacement)
     "committed": None,
-    "down recomputed": (nf4, "in_recomputation", lambda: False),
+    "down recomputed": (nf4_layer, "in_recomputation", lambda: False),
     "SwiGLU separate": (nf4_gemm, "grouped_mm_swiglu", separate_swiglu),
     "Experts.forward": (nf4.NF4Experts, "forward", moe.Experts.forward),
 }
@@ -53,7 +55,7 @@ def main():
             kept = getattr(owner, attr)
             setattr(owner, attr, fn)
         try:
-            dt, loss = step_time(model, opt, args.seq, args.steps, GraphedStep(model, params))
+            dt, loss = step_time(model, opt, args.seq, args.steps, GraphedStep(model, params, gate.decide("cuda")))
         finally:
             if swap is not None:
                 setattr(owner, attr, kept)

@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora import inject, lora_parameters  # noqa: E402
 from model import load_model  # noqa: E402
-from model.cuda_graph import GraphedStep, graph_problem  # noqa: E402
-from model.nf4 import nf4_bytes  # noqa: E402
+from model.fast import gate  # noqa: E402
+from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
+from model.weights.nf4 import nf4_bytes  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -147,12 +148,12 @@ def main():
         params, opt = train_lora(model)
         graphed = None
         if args.graphs:
-            problem = graph_problem(model)
+            problem = graph_problem(model, gate.decide("cuda"))
             if problem is not None:
                 print(json.dumps({"config": name, "graphs_skipped": problem}), flush=True)
                 del model, opt
                 continue
-            graphed = GraphedStep(model, params)
+            graphed = GraphedStep(model, params, gate.decide("cuda"))
         result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name, graphed)
         del model, opt, graphed
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured

@@ -16,9 +16,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GptOss, GptOssConfig  # noqa: E402
-from model.attention import eager_attention, flex_attention_with_sinks  # noqa: E402
+from model.attention import eager_attention  # noqa: E402
+from model.fast import gate  # noqa: E402
+from model.fast.flex import flex_attention_with_sinks  # noqa: E402
 from model.moe import MLP, Experts, moe_reference  # noqa: E402
-from model.nf4 import NF4Experts  # noqa: E402
+from model.weights.nf4 import NF4Experts  # noqa: E402
 
 
 def rel(a, b):
@@ -194,7 +196,7 @@ def compare_graphed_with_eager(name, model, shapes) -> bool:
     rounds alike). The eager step run twice shows the GPU's own run-to-run noise, printed beside.
     """
     from lora import lora_parameters
-    from model.cuda_graph import GraphedStep, padded_step_inputs
+    from model.fast.cuda_graph import GraphedStep, padded_step_inputs
     params = [p for _, p in lora_parameters(model)]
     vocab, pad_id, scale = model.config.vocab_size, model.config.pad_token_id, 2.0 ** -9
     gen = torch.Generator().manual_seed(2)
@@ -227,7 +229,7 @@ def compare_graphed_with_eager(name, model, shapes) -> bool:
 
     passed = True
     try:
-        step = GraphedStep(model, params)
+        step = GraphedStep(model, params, gate.decide("cuda"))
         for n in range(2):
             batches = [micro_batch(shape) for shape in shapes]
             ref, again, got = eager(batches), eager(batches), graphed(batches)
@@ -248,7 +250,7 @@ def compare_graphed_with_eager(name, model, shapes) -> bool:
 def check_graphs() -> bool:
     """GraphedStep against the eager step (bf16: in float32 the experts' per-expert loop cannot be
     captured, which graph_problem must say), and the configurations graphs refuse."""
-    from model.cuda_graph import graph_problem
+    from model.fast.cuda_graph import graph_problem
     ok = True
 
     def verdict(passed, line):
@@ -258,7 +260,7 @@ def check_graphs() -> bool:
 
     tiny = GptOssConfig.from_name("tiny")
     torch.manual_seed(0)
-    problem = graph_problem(lora_model(GptOss(tiny, attention="flex").cuda()))
+    problem = graph_problem(lora_model(GptOss(tiny, attention="flex").cuda()), gate.decide("cuda"))
     verdict(problem is not None and "per-expert loop" in problem, f"graphs refuse the float32 model: {problem}")
 
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import nf4_gemm  # noqa: E402
+from model.fast import nf4_gemm  # noqa: E402
 from model.moe import swiglu  # noqa: E402
-from model.nf4 import NF4Tensor  # noqa: E402
+from model.weights.nf4 import NF4Tensor  # noqa: E402
 
 CONFIGS = [  # BM, BN, BK, warps, stages
     (128, 128, 64, 4, 3), (256, 64, 64, 4, 3), (256, 64, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),

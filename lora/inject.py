@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from model.gpt_oss import GptOss
 from model.moe import Experts, Router
-from model.nf4 import NF4Linear
+from model.weights.nf4 import NF4Linear
 
 from .layers import EXPERT_MATRICES, LORA_MODULES, LoRAExperts, LoRALinear, LoRARouter
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.moe import EXPERT_MATRICES, Experts, Router, grouped_matmul
-from model.nf4 import NF4Experts, NF4Linear
+from model.weights.nf4 import NF4Experts, NF4Linear
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -161,20 +161,20 @@ class LoRAExperts(nn.Module):
         h = grouped_matmul(self.dropout(x), a, counts, offsets)   # (rows, rank)
         return grouped_matmul(h, b, counts, offsets)
 
-    def gate_up(self, x, expert, counts, offsets):
-        y = self.base_layer.gate_up(x, expert, counts, offsets)
+    def gate_up(self, x, expert, counts, offsets, fast=None):
+        y = self.base_layer.gate_up(x, expert, counts, offsets, fast)
         if "gate_up_proj" in self.lora_A:
             y = y + self.low_rank("gate_up_proj", x, counts, offsets).to(y.dtype)
         return y
 
-    def down(self, x, expert, counts, offsets):
-        y = self.base_layer.down(x, expert, counts, offsets)
+    def down(self, x, expert, counts, offsets, fast=None):
+        y = self.base_layer.down(x, expert, counts, offsets, fast)
         if "down_proj" in self.lora_A:
             y = y + self.low_rank("down_proj", x, counts, offsets).to(y.dtype)
         return y
 
-    def forward(self, x, weights, idx):
-        return Experts.forward(self, x, weights, idx)           # the experts' routing, with our gate_up/down
+    def forward(self, x, weights, idx, fast=None):
+        return Experts.forward(self, x, weights, idx, fast)     # the experts' routing, with our gate_up/down
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update of base matrix `name` in its layout (experts, in, out), float32."""

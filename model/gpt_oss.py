@@ -5,21 +5,21 @@ so a checkpoint's keys are our state_dict's keys.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .config import GptOssConfig
-from .kernels import cuda_compiled
+from .fast import gate
+from .fast.compiled import compilable
+from .fast.recompute import mark_recomputation
 from .loss import chunked_cross_entropy, cross_entropy_rows
-from .moe import MLP, recomputation
+from .moe import MLP
 from .rope import rotary_cos_sin
 
 
-@cuda_compiled
+@compilable
 def rms_norm(x, weight, eps: float):
     """In float32: x / sqrt(mean(x^2) + eps) * weight, cast back to x's dtype."""
     h = x.float()
@@ -33,8 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x, compiled: bool = False):
+        return rms_norm(x, self.weight, self.eps, compiled=compiled)
 
 
 class Block(nn.Module):
@@ -45,9 +45,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, impl: str):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, impl)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, fast: gate.FastPaths, flex: bool):
+        c = fast.compiled
+        x = x + self.self_attn(self.input_layernorm(x, c), cos, sin, flex, c)
+        return x + self.mlp(self.post_attention_layernorm(x, c), fast)
 
 
 class Decoder(nn.Module):
@@ -65,19 +66,12 @@ def hub_shapes(config: GptOssConfig) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in GptOss(config).state_dict().items()}
 
 
-def _mark_recomputation():
-    """checkpoint's context_fn: nothing around the forward, `moe.recomputation` around the recomputation.
-
-    An NF4 expert layer skips its tail there (model/nf4.py), which is sound because each checkpointed
-    region is one block, and nothing in a block after its expert layer saves a tensor for the backward.
-    """
-    return contextlib.nullcontext(), recomputation()
-
-
 class GptOss(nn.Module):
     """`GptOss(config)` is randomly initialised; `load_model` fills one from a checkpoint.
 
-    attention: "eager" (plain, forms the score matrix), "flex" (CUDA) or "auto" (flex on CUDA).
+    attention: "eager" (plain, forms the score matrix), "flex" (CUDA) or "auto" (the gate's choice).
+    `fast_paths` is the gate's decision (model/fast/gate.py) that the forward passes down; None: the
+    device's own, decided at the first forward.
     """
 
     def __init__(self, config: GptOssConfig, attention: str = "auto"):
@@ -87,6 +81,7 @@ class GptOss(nn.Module):
         self.config = config
         self.attention = attention
         self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
+        self.fast_paths: gate.FastPaths | None = None
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rotary = {}  # (power of two, device, dtype) -> (cos, sin): see `rotary`
@@ -127,19 +122,18 @@ class GptOss(nn.Module):
 
     def decode(self, x):
         """Embeddings (batch, seq, hidden) -> final-norm states, through every block."""
-        impl = self.attention
-        if impl == "auto":
-            impl = "flex" if x.is_cuda else "eager"
+        fast = self.fast_paths or gate.decide(x.device)
+        flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)
         cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
         # a capture forbids reading the RNG state; graphs run without dropout, so a block draws nothing random
         keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         for block in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, impl, use_reentrant=False, preserve_rng_state=keep_rng,
-                               context_fn=_mark_recomputation)
+                x = checkpoint(block, x, cos, sin, fast, flex, use_reentrant=False, preserve_rng_state=keep_rng,
+                               context_fn=mark_recomputation)
             else:
-                x = block(x, cos, sin, impl)
-        return self.model.norm(x)
+                x = block(x, cos, sin, fast, flex)
+        return self.model.norm(x, fast.compiled)
 
     def hidden_states(self, input_ids):
         """input_ids (batch, seq) -> final-norm states (batch, seq, hidden).

@@ -2,19 +2,20 @@
 
 `moe_reference` is the plain twin (a loop over experts, each on its own tokens). `Experts.forward`
 is the path used everywhere: the (token, expert) pairs are sorted by expert once, and each of the
-two projections is one grouped matrix product over all experts (`torch._grouped_mm` on CUDA).
+two projections is one grouped matrix product over all experts (`torch._grouped_mm` where the gate,
+model/fast/gate.py, allows it; a loop over experts otherwise).
+
+Every sum here runs in a fixed order: each token's k expert outputs are gathered back into
+(token, slot) order and summed, never scattered with atomic adds, so a run is bit-reproducible.
 """
 from __future__ import annotations
-
-import contextlib
-import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GptOssConfig
-from .kernels import cuda_compiled
+from .fast.compiled import compilable
 
 
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")  # the experts' weights, as the hub names them
@@ -44,14 +45,37 @@ def swiglu_reference(gate_up, alpha: float, limit: float):
     return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
 
+def _clamp_passes_at_bound() -> bool:
+    """Whether the installed torch's clamp passes the gradient at a bound (torch < 2.14: yes; 2.14: no).
+
+    A value can sit exactly on the bound (7.0 is a bf16 value), and the SwiGLU backward follows the
+    installed torch there, so it equals autograd's, and transformers', gradient on every version.
+    """
+    x = torch.ones((), requires_grad=True)
+    (grad,) = torch.autograd.grad(x.clamp(max=1.0), x)
+    return bool(grad == 1)
+
+
+CLAMP_PASSES_AT_BOUND = _clamp_passes_at_bound()
+
+
+def _within(x, low, high):
+    """Where clamp(x, low, high) passes the gradient (either bound may be None)."""
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if CLAMP_PASSES_AT_BOUND:
+        inside = inside if low is None else inside & (x >= low)
+        return inside if high is None else inside & (x <= high)
+    inside = inside if low is None else inside & (x > low)
+    return inside if high is None else inside & (x < high)
+
+
 def swiglu_backward(gate_up, dh, alpha: float, limit: float):
     """The gradient of `swiglu_reference`'s input from its output's gradient dh."""
     gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     g, u = gate.clamp(max=limit), up.clamp(-limit, limit)
     s = torch.sigmoid(alpha * g)
-    # clamp passes the gradient where the input lies within its bounds, ends included
-    d_gate = dh * (u + 1) * s * (1 + alpha * g * (1 - s)) * (gate <= limit)
-    d_up = dh * g * s * ((up >= -limit) & (up <= limit))
+    d_gate = dh * (u + 1) * s * (1 + alpha * g * (1 - s)) * _within(gate, None, limit)
+    d_up = dh * g * s * _within(up, -limit, limit)
     return torch.stack((d_gate, d_up), dim=-1).flatten(-2)
 
 
@@ -74,12 +98,12 @@ class _SwiGLU(torch.autograd.Function):
         return swiglu_backward(gate_up, dy, ctx.alpha, ctx.limit), None, None
 
 
-@cuda_compiled
+@compilable
 def swiglu(gate_up, alpha: float, limit: float):
     return _SwiGLU.apply(gate_up, alpha, limit)
 
 
-@cuda_compiled
+@compilable
 def expert_mlp_backward(gate_up, g, w, alpha: float, limit: float):
     """The expert MLP's backward past down, for out = w * (SwiGLU(gate_up) @ W_down + b) per row.
 
@@ -90,34 +114,6 @@ def expert_mlp_backward(gate_up, g, w, alpha: float, limit: float):
     h = swiglu_reference(gate_up, alpha, limit)
     gh = (g.float() * h.float()).sum(-1)
     return swiglu_backward(gate_up, g * w[:, None].to(g.dtype), alpha, limit), gh
-
-
-class _Recomputation(threading.local):
-    active = False
-
-
-# Global state (a flag, not a cache), and why: checkpoint replays the block's own call, so
-# no argument can tell the recomputation apart; its context_fn, which takes none, is the hook torch
-# gives. Per thread, since the recomputation runs on autograd's thread.
-_RECOMPUTATION = _Recomputation()
-
-
-@contextlib.contextmanager
-def recomputation():
-    """Marks gradient checkpointing's recomputation of a block (model/gpt_oss.py passes it to checkpoint).
-
-    A recomputation keeps only the tensors the backward saved; whatever comes after the last of them
-    in the block is wasted work, which `in_recomputation` lets an expert layer skip.
-    """
-    before, _RECOMPUTATION.active = _RECOMPUTATION.active, True
-    try:
-        yield
-    finally:
-        _RECOMPUTATION.active = before
-
-
-def in_recomputation() -> bool:
-    return _RECOMPUTATION.active
 
 
 def sort_by_expert(idx, num_experts: int):
@@ -131,17 +127,50 @@ def sort_by_expert(idx, num_experts: int):
     return order, flat[order], counts, counts.cumsum(0).to(torch.int32)
 
 
+def inverse_order(order):
+    """The permutation that takes rows in sort_by_expert's order back to (token, slot) order."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+
+
+def sum_per_token(rows, order, k: int):
+    """Rows (tokens*k, dim) in sort_by_expert's order -> each token's k rows summed, (tokens, dim).
+
+    Gathered back into (token, slot) order and summed over the slots: a fixed order, no atomics.
+    """
+    return rows[inverse_order(order)].view(-1, k, rows.shape[-1]).sum(1)
+
+
 def weighted_sum(y, weights, order, x):
     """Each token's expert outputs weighted by its routing weights and summed: y (tokens*k, hidden) in
     sort_by_expert's order, weights (tokens, k) -> (tokens, hidden) like x."""
     k = weights.shape[1]
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, order // k, y.to(x.dtype))
+    return sum_per_token(y, order, k).to(x.dtype)
 
 
-def use_grouped_kernel(x) -> bool:
-    """torch._grouped_mm runs on CUDA in bf16; elsewhere the per-expert loop is used."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+class _PairRows(torch.autograd.Function):
+    """x[order // k]: each token's row once per chosen expert, in sorted order. The backward sums each
+    token's k row gradients in a fixed order (autograd's own would scatter them with atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x, order, k: int):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (order,) = ctx.saved_tensors
+        return sum_per_token(dy, order, ctx.k), None, None
+
+
+def pair_rows(x, order, k: int):
+    return _PairRows.apply(x, order, k)
+
+
+def use_grouped_kernel(x, fast) -> bool:
+    """Whether torch._grouped_mm multiplies these rows: where the gate allows it, on CUDA, in bf16."""
+    return fast is not None and fast.grouped_mm and x.is_cuda and x.dtype == torch.bfloat16
 
 
 def grouped_matmul(x, w, counts: list[int] | None, offsets):
@@ -172,20 +201,24 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(e, i, h))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
 
-    def gate_up(self, x, expert, counts, offsets):
+    def gate_up(self, x, expert, counts, offsets, fast=None):
         return grouped_matmul(x, self.gate_up_proj, counts, offsets) + self.gate_up_proj_bias[expert]
 
-    def down(self, x, expert, counts, offsets):
+    def down(self, x, expert, counts, offsets, fast=None):
         return grouped_matmul(x, self.down_proj, counts, offsets) + self.down_proj_bias[expert]
 
-    def forward(self, x, weights, idx):
-        """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden)."""
+    def forward(self, x, weights, idx, fast=None):
+        """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden).
+
+        fast: the gate's FastPaths (None: the plain path)."""
         n, k = idx.shape
         order, expert, counts_t, offsets = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
-        counts = None if use_grouped_kernel(x) else counts_t.tolist()
-        h = swiglu(self.gate_up(x[order // k], expert, counts, offsets), self.alpha, self.limit)
-        y = self.down(h, expert, counts, offsets)               # (tokens*k, hidden)
+        counts = None if use_grouped_kernel(x, fast) else counts_t.tolist()
+        compiled = fast is not None and fast.compiled
+        gate_up = self.gate_up(pair_rows(x, order, k), expert, counts, offsets, fast)
+        h = swiglu(gate_up, self.alpha, self.limit, compiled=compiled)
+        y = self.down(h, expert, counts, offsets, fast)         # (tokens*k, hidden)
         return weighted_sum(y, weights, order, x)
 
 
@@ -195,11 +228,11 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config)
 
-    def forward(self, x):
+    def forward(self, x, fast=None):
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx = self.router(flat)
-        return self.experts(flat, weights, idx).view(b, t, d)
+        return self.experts(flat, weights, idx, fast).view(b, t, d)
 
 
 def moe_reference(mlp: MLP, x):

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .config import GptOssConfig
-from .kernels import cuda_compiled
+from .fast.compiled import compilable
 
 
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
@@ -47,7 +47,7 @@ def rotary_cos_sin(config: GptOssConfig, positions: torch.Tensor, dtype: torch.d
     return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
-@cuda_compiled
+@compilable
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (batch, seq, heads, head_dim): first and second halves of the head form the pairs."""
     a, b = x.chunk(2, dim=-1)

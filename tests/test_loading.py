@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from conftest import hf_twin
 from model import GptOss, GptOssConfig, load_model
-from model.loading import CheckpointError
-from model.mxfp4 import FP4_VALUES, dequantize_mxfp4
-from model.nf4 import NF4Experts, NF4Linear, nf4_bytes
+from model.weights.loading import CheckpointError
+from model.weights.mxfp4 import FP4_VALUES, dequantize_mxfp4
+from model.weights.nf4 import NF4Experts, NF4Linear, nf4_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +202,7 @@ MEASURE = r"""
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 from model import load_model
-from model.nf4 import nf4_bytes
+from model.weights.nf4 import nf4_bytes
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 m = load_model({folder!r}, quantize={quantize!r}, device="cpu", dtype=torch.bfloat16)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

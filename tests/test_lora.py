@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import hf_twin
 from model import GptOss, GptOssConfig, load_model
 from model.moe import swiglu
-from model.nf4 import NF4Experts, NF4Linear
+from model.weights.nf4 import NF4Experts, NF4Linear
 from test_loading import write_checkpoint
 
 from lora import (DEFAULT_TARGETS, LoRAExperts, LoRALinear, LoRARouter, count_trainable, export_merged,

@@ -7,10 +7,10 @@ from conftest import hf_config, hf_twin
 from lora import inject, lora_parameters
 from model import GptOss, GptOssConfig
 from model.attention import eager_attention
-from model.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
+from model.fast.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
 from model.loss import chunked_cross_entropy, cross_entropy_rows, target_rows
 from model.moe import moe_reference
-from model.nf4 import NF4Experts
+from model.weights.nf4 import NF4Experts
 from model.rope import yarn_inv_freq
 
 TOL = 1e-4  # float32 end to end; observed differences are ~3e-6
@@ -191,7 +191,7 @@ def test_swiglu_backward_equals_autograd():
 
 def test_block_mask_by_hand_equals_flex_from_the_dense_mask():
     from torch.nn.attention.flex_attention import create_block_mask
-    from model.attention import _block_mask, _mask_mod
+    from model.fast.flex import _block_mask, _mask_mod
     for t, window in ((1024, 128), (1024, None), (768, 200), (512, 8)):
         ours = _block_mask(t, window, "cpu")
         ref = create_block_mask(_mask_mod(window), None, None, t, t, device="cpu")
@@ -226,25 +226,27 @@ def test_padding_a_micro_batch_for_a_graph_changes_neither_loss_nor_gradients(ti
 
 
 def test_graph_problem_names_what_rules_graphs_out(tiny_config):
+    from model.fast.gate import FastPaths
+    fast = FastPaths(nf4_kernels=True, grouped_mm=True, cuda_graphs=True)   # as on an H100
     model = GptOss(tiny_config)
     inject(model, rank=4, verbose=False)
-    assert graph_problem(model) == "the model is on the CPU; CUDA graphs need a CUDA GPU"
+    assert graph_problem(model, fast) == "the model is on the CPU; CUDA graphs need a CUDA GPU"
     with pytest.raises(ValueError, match="cannot replay the step as a CUDA graph: the model is on the CPU"):
-        GraphedStep(model, [p for _, p in lora_parameters(model)])
+        GraphedStep(model, [p for _, p in lora_parameters(model)], fast)
 
     with_dropout = GptOss(tiny_config)
     inject(with_dropout, rank=4, dropout=0.1, verbose=False)
-    assert "model.layers.0.self_attn.q_proj.dropout has dropout 0.1" in graph_problem(with_dropout)
+    assert "model.layers.0.self_attn.q_proj.dropout has dropout 0.1" in graph_problem(with_dropout, fast)
 
     model.model.embed_tokens.to("meta")          # may live anywhere (load_model's embedding_device):
-    assert graph_problem(model) == "the model is on the CPU; CUDA graphs need a CUDA GPU"   # looked up outside
+    assert graph_problem(model, fast) == "the model is on the CPU; CUDA graphs need a CUDA GPU"   # looked up outside
     model.lm_head.to("meta")
-    assert graph_problem(model).startswith("lm_head.weight is on meta, the trainable parameters on cpu")
+    assert graph_problem(model, fast).startswith("lm_head.weight is on meta, the trainable parameters on cpu")
 
     grouped = GptOss(tiny_config)
     grouped.model.layers[1].mlp.experts = NF4Experts(tiny_config, group=4)   # load_model's experts_per_group
     inject(grouped, rank=4, verbose=False)
-    assert graph_problem(grouped).startswith("model.layers.1.mlp.experts holds its experts in groups of 4")
+    assert graph_problem(grouped, fast).startswith("model.layers.1.mlp.experts holds its experts in groups of 4")
 
     model.requires_grad_(False)
-    assert graph_problem(model) == "the model has no trainable parameters"
+    assert graph_problem(model, fast) == "the model has no trainable parameters"

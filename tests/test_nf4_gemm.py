@@ -11,14 +11,15 @@ import torch
 import triton  # noqa: F401  (a test requirement: without it these tests must fail, not vanish)
 
 from model import GptOssConfig
-from model import nf4_gemm as nf4_gemm_module
+from model.fast import gate
+from model.fast import nf4_gemm as nf4_gemm_module
 from model.moe import Experts
-from model.nf4 import NF4Experts, NF4Tensor
+from model.weights.nf4 import NF4Experts, NF4Tensor
 
 
 @pytest.fixture(scope="module")
 def gemm():
-    """model.nf4_gemm with its kernels built for the interpreter (the switch is read when they are defined)."""
+    """model.fast.nf4_gemm with its kernels built for the interpreter (the switch is read when they are defined)."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TRITON_INTERPRET", "1")
     yield importlib.reload(nf4_gemm_module)
@@ -113,7 +114,7 @@ def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkey
     calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1, y2 = nf4(x1, w1, idx), dense(x2, w2, idx)
+    y1, y2 = nf4(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
@@ -135,7 +136,7 @@ def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, mon
     bit-identical to the same layer without checkpointing; also where checkpoint does not stop the
     recomputation early (the layer's NaN stand-in output then flows on, into nothing saved)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
-    from model.gpt_oss import _mark_recomputation
+    from model.fast.recompute import mark_recomputation
     config, nf4, _ = nf4_and_dense_experts(seed=4)
     nf4.requires_grad_(False)
     x, weights, idx = routed_tokens(config)
@@ -146,10 +147,10 @@ def test_checkpoint_recomputation_skips_down_and_keeps_gradients_exact(gemm, mon
         calls.clear()
         with set_checkpoint_early_stop(early_stop):
             if checkpointed:   # the layer and a residual add, as in a block
-                y = checkpoint(lambda a, b: a + nf4(a, b, idx), xi, wi, use_reentrant=False,
-                               context_fn=_mark_recomputation)
+                y = checkpoint(lambda a, b: a + nf4(a, b, idx, gate.decide("cpu")), xi, wi, use_reentrant=False,
+                               context_fn=mark_recomputation)
             else:
-                y = xi + nf4(xi, wi, idx)
+                y = xi + nf4(xi, wi, idx, gate.decide("cpu"))
             (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads[checkpointed] = (y.detach(), xi.grad, wi.grad, list(calls))
     assert grads[False][3] == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]

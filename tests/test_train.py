@@ -21,6 +21,7 @@ from data import encode_split, make_batches, special_id, tiny_tokenizer
 from data.synthetic import write_synthetic
 from lora import inject, load_adapter, lora_parameters
 from model import GptOss, GptOssConfig
+from model.fast import gate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
@@ -365,13 +366,14 @@ def test_cuda_graphs_on_where_the_model_rules_them_out_says_why(tmp_path, capsys
 def test_cuda_graphs_auto_says_which_step_runs_and_why(capsys):
     model = tiny_lora_model()
     params = [p for _, p in lora_parameters(model)]
-    assert train.step_path(model, params, "auto") is None
-    assert train.step_path(model, params, "off") is None
+    fast = gate.decide("cpu")
+    assert train.step_path(model, params, "auto", fast) is None
+    assert train.step_path(model, params, "off", fast) is None
     out = capsys.readouterr().out
     assert "step: eager, not CUDA graphs (the model is on the CPU" in out
     assert "step: eager, not CUDA graphs (--cuda-graphs off)" in out
     with pytest.raises(train.UsageError, match="dropout 0.1"):
-        train.step_path(tiny_lora_model(dropout=0.1), params, "on")
+        train.step_path(tiny_lora_model(dropout=0.1), params, "on", fast)
 
 
 @pytest.mark.slow

@@ -10,16 +10,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BLOCK
-from .loss import IGNORE, target_rows
-from .moe import use_grouped_kernel
-from .nf4 import NF4Experts
+from ..loss import IGNORE, target_rows
+from ..weights.nf4 import NF4Experts
+from .flex import BLOCK
+from .gate import FastPaths
 
 MULTIPLE = BLOCK  # tokens are padded to flex attention's block (it pads to that anyway), target rows alike
 
 
-def graph_problem(model: nn.Module) -> str | None:
-    """Why the training step of `model` cannot be captured in a CUDA graph, or None if it can."""
+def graph_problem(model: nn.Module, fast: FastPaths) -> str | None:
+    """Why the training step of `model` cannot be captured in a CUDA graph under the gate's `fast`
+    paths, or None if it can."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         return "the model has no trainable parameters"
@@ -39,10 +40,21 @@ def graph_problem(model: nn.Module) -> str | None:
                     "work of one GPU only")
     if device.type != "cuda":
         return f"the model is on the {device.type.upper()}; CUDA graphs need a CUDA GPU"
+    if not fast.cuda_graphs:
+        return "the gate chose the plain path (--kernels plain, or a GPU without bf16)"
     dtype = model.model.embed_tokens.weight.dtype
-    if not use_grouped_kernel(torch.empty(0, device=device, dtype=dtype)):
+    if dtype != torch.bfloat16:
         return (f"with {dtype} activations the experts run their per-expert loop, which reads the expert "
-                "counts back to the host; only the grouped kernel (bfloat16) can be captured")
+                "counts back to the host; only bfloat16 runs the grouped kernels")
+    if not fast.grouped_mm:
+        # Without torch._grouped_mm (one kernel on sm_90/sm_100 only), only the fused NF4 layer keeps
+        # the expert counts on the GPU: frozen NF4 experts in one group, not wrapped (by LoRA).
+        for i, block in enumerate(model.model.layers):
+            m = block.mlp.experts
+            fused = isinstance(m, NF4Experts) and fast.nf4_kernels and not any(p.requires_grad for p in m.parameters())
+            if not fused:
+                return (f"layer {i}'s experts ({type(m).__name__}) would loop over the experts with counts read "
+                        "back to the host: torch._grouped_mm is a single kernel on sm_90/sm_100 only")
     return None
 
 
@@ -75,8 +87,8 @@ class GraphedStep:
     as `(total * scale).backward()` would.
     """
 
-    def __init__(self, model: nn.Module, params):
-        problem = graph_problem(model)
+    def __init__(self, model: nn.Module, params, fast: FastPaths):
+        problem = graph_problem(model, fast)
         if problem is not None:
             raise ValueError(f"cannot replay the step as a CUDA graph: {problem}")
         self.model, self.params = model, list(params)

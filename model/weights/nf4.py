@@ -1,11 +1,11 @@
 """Frozen weights stored as bitsandbytes NF4 (4-bit NormalFloat, double-quantised, blocks of 64).
 
 `NF4Linear` replaces an nn.Linear; `NF4Experts` replaces a layer's dense experts and keeps the
-grouped computation. On CUDA each expert projection is one Triton kernel that reads the 4-bit codes
-directly (model/nf4_gemm.py), forward and backward; with frozen biases (LoRA's case) the whole
-layer is one autograd function, `_NF4ExpertLayer`, that skips down in checkpointing's recomputation.
-Elsewhere, or with the experts split in groups, it dequantises the layer's experts and runs one
-grouped matrix product. Nothing keeps a dequantised weight for the backward: it is rebuilt there.
+grouped computation. The plain path dequantises the layer's experts and runs one grouped matrix
+product; where the gate allows the NF4 kernels, each projection is one Triton kernel that reads the
+4-bit codes directly, and with frozen biases (LoRA's case) the whole layer is one autograd function
+(both in model/fast/nf4_layer.py). Nothing keeps a dequantised weight for the backward: it is rebuilt
+there.
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nf4_gemm
-from .moe import (Experts, expert_mlp_backward, grouped_matmul, in_recomputation, sort_by_expert,
-                  use_grouped_kernel, weighted_sum)
+from ..fast import nf4_layer
+from ..moe import Experts, grouped_matmul, use_grouped_kernel
 
 BLOCKSIZE = 64
 
@@ -84,7 +83,7 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
-def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts, offsets, transpose=False):
+def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts, offsets, transpose=False, fast=None):
     """Rows of x sorted by expert times each expert's dequantised weight.
 
     `weights` holds the experts in groups (each an NF4 tensor (group, in, out)). With one group,
@@ -106,7 +105,7 @@ def nf4_grouped_matmul(x, weights: list[NF4Tensor], counts, offsets, transpose=F
         n = sum(sub)
         if n:
             sub_offsets = torch.tensor(sub, device=x.device).cumsum(0).to(torch.int32)
-            outs.append(project(x[start:start + n], w, None if use_grouped_kernel(x) else sub, sub_offsets))
+            outs.append(project(x[start:start + n], w, None if use_grouped_kernel(x, fast) else sub, sub_offsets))
         start, e0 = start + n, e0 + w.shape[0]
     if not outs:
         return x.new_zeros(0, weights[0].shape[1 if transpose else 2])
@@ -117,80 +116,16 @@ class _GroupedNF4(torch.autograd.Function):
     """nf4_grouped_matmul with a backward that dequantises again instead of keeping the weights."""
 
     @staticmethod
-    def forward(ctx, x, weights, counts, offsets):
-        ctx.weights, ctx.counts = weights, counts
+    def forward(ctx, x, weights, counts, offsets, fast):
+        ctx.weights, ctx.counts, ctx.fast = weights, counts, fast
         ctx.save_for_backward(offsets)
-        return nf4_grouped_matmul(x, weights, counts, offsets)
+        return nf4_grouped_matmul(x, weights, counts, offsets, fast=fast)
 
     @staticmethod
     def backward(ctx, dy):
         (offsets,) = ctx.saved_tensors
-        dx = nf4_grouped_matmul(dy.contiguous(), ctx.weights, ctx.counts, offsets, transpose=True)
-        return dx, None, None, None
-
-
-class _FusedNF4(torch.autograd.Function):
-    """x @ W[e] (+ bias[e], frozen) with the dequantisation inside the product (model/nf4_gemm.py), both ways."""
-
-    @staticmethod
-    def forward(ctx, x, w: NF4Tensor, offsets, bias):
-        ctx.w = w
-        ctx.save_for_backward(offsets)
-        return nf4_gemm.grouped_mm(x, w, offsets, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (offsets,) = ctx.saved_tensors
-        return nf4_gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None
-
-
-class _NF4ExpertLayer(torch.autograd.Function):
-    """A layer's frozen NF4 experts, from the routing to the weighted sum, with a backward of its own.
-
-    The backward keeps only gate_up's output y (as the unfused SwiGLU does): down's input gradient
-    is w * (d_out @ W_down^T), and the routing weight's gradient <d_out, h @ W_down + b> splits into
-    <d_out @ W_down^T, h> + <d_out, b> with h = SwiGLU(y) rebuilt from y. Nothing past gate_up is
-    needed again, so in gradient checkpointing's recomputation (`moe.in_recomputation`) down and the
-    weighted sum are skipped: five NF4 products a checkpointed step instead of six (gate_up, with the
-    SwiGLU in its epilogue, in the forward and the recomputation; down once; a transposed product
-    each in the backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weights, idx, layer: "NF4Experts"):
-        """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
-        k = idx.shape[1]
-        order, _, _, offsets = sort_by_expert(idx, layer.num_experts)
-        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
-        keep = any(ctx.needs_input_grad[:2])
-        y, h = nf4_gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                          layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
-        if keep:
-            ctx.save_for_backward(y, weights, idx, order, offsets)
-            ctx.layer = layer
-        if in_recomputation():
-            # The recomputation wanted the saved tensors and stops once it has them; the block's last
-            # saving op is this one, so the output is never used. NaN makes any misuse loud.
-            return torch.full_like(x, float("nan"))
-        out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
-        del h
-        return weighted_sum(out, weights, order, x)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        y, weights, idx, order, offsets = ctx.saved_tensors
-        layer, (n, k) = ctx.layer, idx.shape
-        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
-        g = nf4_gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
-        dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
-        del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
-        dxs = nf4_gemm.grouped_mm_t(dy, gate_up, offsets)
-        del dy
-        # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = dxs[inverse].view(n, k, -1).sum(1)
-        dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
-        return dx, dw.to(weights.dtype), None, None
+        dx = nf4_grouped_matmul(dy.contiguous(), ctx.weights, ctx.counts, offsets, transpose=True, fast=ctx.fast)
+        return dx, None, None, None, None
 
 
 class NF4Experts(Experts):
@@ -216,31 +151,28 @@ class NF4Experts(Experts):
     def dequantized(self, name: str) -> torch.Tensor:
         return torch.cat([w.dequantize() for w in self.nf4[name]])
 
-    def _project(self, name, x, expert, counts, offsets):
+    def _project(self, name, x, expert, counts, offsets, fast):
         ws = self.nf4[name]
         x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
-        if len(ws) == 1 and nf4_gemm.available(x):  # one kernel each way, no bf16 copy of the weights
-            if not bias.requires_grad:               # (the kernel adds a frozen bias; a trained one is added here)
-                return _FusedNF4.apply(x.contiguous(), ws[0], offsets, bias.to(x.dtype))
-            y = _FusedNF4.apply(x.contiguous(), ws[0], offsets, None)
-        else:
-            y = _GroupedNF4.apply(x, ws, counts, offsets)
+        if len(ws) == 1 and nf4_layer.kernels_run(x, fast):  # one kernel each way, no bf16 copy of the weights
+            return nf4_layer.project(x, ws[0], offsets, bias, expert)
+        y = _GroupedNF4.apply(x, ws, counts, offsets, fast)
         return y + bias[expert].to(y.dtype)
 
-    def gate_up(self, x, expert, counts, offsets):
-        return self._project("gate_up_proj", x, expert, counts, offsets)
+    def gate_up(self, x, expert, counts, offsets, fast=None):
+        return self._project("gate_up_proj", x, expert, counts, offsets, fast)
 
-    def down(self, x, expert, counts, offsets):
-        return self._project("down_proj", x, expert, counts, offsets)
+    def down(self, x, expert, counts, offsets, fast=None):
+        return self._project("down_proj", x, expert, counts, offsets, fast)
 
-    def forward(self, x, weights, idx):
-        """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), `_NF4ExpertLayer`."""
+    def forward(self, x, weights, idx, fast=None):
+        """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
         gate_up, down = self.nf4["gate_up_proj"], self.nf4["down_proj"]
         xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
-        if len(gate_up) == len(down) == 1 and frozen and nf4_gemm.available(xc):
-            return _NF4ExpertLayer.apply(xc, weights, idx, self).to(x.dtype)
-        return super().forward(x, weights, idx)
+        if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
+            return nf4_layer.expert_layer(xc, weights, idx, self, fast).to(x.dtype)
+        return super().forward(x, weights, idx, fast)
 
 
 def nf4_bytes(model: nn.Module) -> int:

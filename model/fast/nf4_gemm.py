@@ -26,8 +26,6 @@ the kernels in Triton's interpreter on the CPU; bench/tune_nf4_gemm.py and check
 """
 from __future__ import annotations
 
-import os
-
 import bitsandbytes.functional as bnbf
 import torch
 
@@ -38,13 +36,6 @@ except ImportError:  # the CPU build of torch comes without Triton; the dequanti
     triton = None
 
 BLOCKSIZE = 64  # bitsandbytes' block along the contiguous dim; the tiles below keep to whole blocks
-
-
-def available(x: torch.Tensor) -> bool:
-    """The kernels run on CUDA in bf16, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1: the tests)."""
-    if triton is None:
-        return False
-    return (x.is_cuda and x.dtype == torch.bfloat16) or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def scales(w) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .config import GptOssConfig
-from .gpt_oss import GptOss, hub_shapes
+from ..config import GptOssConfig
+from ..gpt_oss import GptOss, hub_shapes
+from ..moe import EXPERT_MATRICES
 from .mxfp4 import dequantize_mxfp4
-from .moe import EXPERT_MATRICES
 from .nf4 import NF4Experts, NF4Linear
 
 NF4_LINEARS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj$")
