@@ -34,6 +34,8 @@ from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, 
 from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter
+from lora.inject import count_trainable
+from memory_plan import cap_gpu_memory, plan, usable_gib
 from model import GptOss, GptOssConfig, load_model
 from model.fast import gate
 from model.fast.cuda_graph import GraphedStep, graph_problem
@@ -80,7 +82,10 @@ class TrainConfig:
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
-    embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory)")
+    embedding_on_cpu: bool | None = option(None, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory); "
+                                           "default: where the memory plan needs it", type=bool)
+    optim: str = option("auto", "adamw, adamw8bit (bitsandbytes' 8-bit AdamW: moments in a quarter of the "
+                        "memory) or auto (adamw8bit only where the memory plan says adamw does not fit)")
     kernels: str = option("auto", "fast paths: auto (every one this GPU and the installed torch/Triton allow, "
                           "printed at start) or plain (none: the plain twins, slower, same math)")
     cuda_graphs: str = option("auto", "replay each micro-batch's forward and backward as a CUDA graph, far "
@@ -137,15 +142,14 @@ def train(config: TrainConfig) -> int:
     print("config:\n" + "\n".join(f"  {k:<24} {v}" for k, v in dataclasses.asdict(config).items()))
     if not tiny and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
-    if torch.cuda.is_available() and gate.bf16_problem(0):
-        raise UsageError(gate.bf16_problem(0))
     resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fit_memory(config, device, resume_from)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # --- the model: frozen base (NF4 on GPU), then the adapter
     torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tiny:
         model = GptOss(GptOssConfig.from_name("tiny")).to(device)  # float32
         tokenizer = tiny_tokenizer()
@@ -169,8 +173,12 @@ def train(config: TrainConfig) -> int:
     total_steps = config.epochs * steps_per_epoch
 
     # --- the optimizer, on the adapter only
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    if config.optim == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=device.type == "cuda")
     progress = {"step": 0, "epoch": 0, "batch": 0, "skipped_steps": 0, "bad_in_a_row": 0,
                 "tokens": 0, "target_tokens": 0, "base_metrics": None}
     metrics_path = out / "metrics.jsonl"
@@ -272,6 +280,30 @@ def train(config: TrainConfig) -> int:
     print(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
           f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {path}")
     return 0
+
+
+# ----------------------------------------------------------------------------- memory
+def fit_memory(config: TrainConfig, device, resume_from):
+    """Settle --embedding-on-cpu and --optim ("auto") from the memory plan, before anything loads."""
+    if device.type != "cuda":
+        config.embedding_on_cpu = bool(config.embedding_on_cpu)
+        config.optim = "adamw" if config.optim == "auto" else config.optim
+        return
+    if resume_from is not None and config.optim == "auto":   # the optimizer state on disk decides
+        config.optim = read_trainer_state(resume_from)["config"]["optim"]
+    with user_errors(f"cannot load the model {config.model!r}"):
+        model_config = GptOssConfig.from_name("tiny") if config.model == "tiny" else \
+            GptOssConfig.from_pretrained(config.model)
+    if gate.bf16_problem(device):
+        raise UsageError(gate.bf16_problem(device))
+    with user_errors("cannot plan the GPU memory"):
+        cap_gpu_memory(device)
+        trainable = count_trainable(model_config, targets=config.targets, rank=config.rank)
+        graphs = config.cuda_graphs != "off" and config.dropout == 0
+        config.embedding_on_cpu, config.optim, lines = plan(
+            model_config, trainable, config.micro_batch_size * config.max_seq_len, graphs, usable_gib(device),
+            config.embedding_on_cpu, config.optim)
+    print("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -485,7 +517,8 @@ def find_resume(config: TrainConfig) -> Path | None:
         folder = Path(config.resume)
     saved = read_trainer_state(folder)["config"]
     differ = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-              for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved.get(k) != v]
+              for k, v in dataclasses.asdict(config).items()
+              if k not in FREE_ON_RESUME and saved.get(k) != v and v != "auto"]   # auto: the checkpoint's
     if differ:
         raise UsageError(f"cannot resume from {folder}: the run there was configured differently:\n  "
                          + "\n  ".join(differ) + "\nResume with the checkpoint's settings, or start a new "
@@ -538,7 +571,7 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):  # --flag / --no-flag
+        if isinstance(f.default, bool) or f.metadata["type"] is bool:  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             default = "" if f.default is None else f" (default {f.default})"
@@ -562,6 +595,8 @@ def check(config: TrainConfig):
         problems.append(f"--lr must be positive, not {config.lr}")
     if not 0 <= config.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.optim not in ("auto", "adamw", "adamw8bit"):
+        problems.append(f"--optim must be auto, adamw or adamw8bit, not {config.optim!r}")
     if config.kernels not in ("auto", "plain"):
         problems.append(f"--kernels must be auto or plain, not {config.kernels!r}")
     if config.cuda_graphs not in ("auto", "on", "off"):

@@ -91,7 +91,13 @@ class GptOssConfig:
                                         "folder in the hub's transformers layout")
         else:
             from huggingface_hub import hf_hub_download
-            path = hf_hub_download(path_or_hub_id, "config.json")
+            try:
+                path = hf_hub_download(path_or_hub_id, "config.json")
+            except Exception as e:  # offline, unknown repo, no access: say what we needed
+                raise FileNotFoundError(
+                    f"could not get config.json of {path_or_hub_id!r} from the hub ({type(e).__name__}: {e}). "
+                    "Pass a local folder holding config.json and *.safetensors in the hub's layout, or use "
+                    "--model tiny for a small random model.") from e
         with open(path) as f:
             return cls.from_dict(json.load(f))
 

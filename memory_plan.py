@@ -1,0 +1,116 @@
+"""What a training run needs of the GPU, worked out before anything is loaded, and the choices that fit.
+
+The estimate adds up the frozen NF4 model (from the checkpoint's config.json: shapes only), the
+adapter with its gradient, the graph step's gradient buffers and the optimizer's states, and the
+activations of one micro-batch (a per-token figure measured on gpt-oss-20b at 4,096 tokens; see
+docs/BENCHMARKS.md). `plan` turns it into choices: the embedding on the CPU, bitsandbytes' 8-bit
+AdamW, or a clear stop naming the flags that would fit, instead of running out of memory minutes in.
+
+    QLORA_GPU_MEMORY_GIB=15.58 python train.py ...   # behave as on a card with 15.58 GiB usable
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2 ** 30
+CAP_VARIABLE = "QLORA_GPU_MEMORY_GIB"
+# Activations of a checkpointed step per token of a micro-batch (bf16, gpt-oss-20b): the blocks'
+# saved inputs, one block's recomputation and the chunked loss. Measured: 4,096 tokens took 1.44 GiB
+# above the loaded model (docs/BENCHMARKS.md); scaled by hidden size for other widths.
+ACTIVATION_BYTES_PER_TOKEN_20B = 1.44 * GIB / 4096
+HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}          # per trainable parameter: the two moments
+
+
+def cap_gpu_memory(device) -> float | None:
+    """Apply QLORA_GPU_MEMORY_GIB (emulating a smaller card) to the caching allocator; return the cap in GiB."""
+    value = os.environ.get(CAP_VARIABLE)
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"{CAP_VARIABLE}={value!r}: expected a number of GiB, e.g. 15.58") from None
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    if not 0 < gib <= total:
+        raise ValueError(f"{CAP_VARIABLE}={value}: expected a number of GiB above 0 and at most this GPU's "
+                         f"{total:.2f}")
+    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    return gib
+
+
+def usable_gib(device) -> float:
+    """What this process may allocate on the GPU: the cap if one is set, else what is free now."""
+    cap = os.environ.get(CAP_VARIABLE)
+    if cap:
+        return float(cap)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / GIB
+
+
+@dataclass
+class Need:
+    """Bytes a configuration needs, by part."""
+    model: float
+    embedding: float
+    adapter: float
+    optimizer: float
+    activations: float
+
+    def total(self, embedding_on_gpu: bool) -> float:
+        return self.model + self.adapter + self.optimizer + self.activations + self.embedding * embedding_on_gpu
+
+
+def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool) -> Need:
+    """The estimate for a GptOssConfig in NF4, `trainable` adapter parameters in float32."""
+    from model.gpt_oss import hub_shapes
+    nf4, bf16 = 0, 0
+    for name, shape in hub_shapes(config).items():
+        n = 1
+        for s in shape:
+            n *= s
+        if name == "model.embed_tokens.weight":
+            continue
+        quantised = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                   "experts.gate_up_proj", "experts.down_proj"))
+        nf4, bf16 = nf4 + n * quantised, bf16 + n * (not quantised)
+    embedding = config.vocab_size * config.hidden_size * 2
+    # weights and their gradients in float32; the graph step keeps a second gradient buffer
+    adapter = trainable * 4 * (3 if graphs else 2)
+    per_token = ACTIVATION_BYTES_PER_TOKEN_20B * config.hidden_size / 2880
+    return Need(model=nf4 * NF4_BYTES_PER_WEIGHT + bf16 * 2, embedding=embedding, adapter=adapter,
+                optimizer=trainable * OPTIMIZER_BYTES[optim], activations=per_token * tokens_per_micro_batch)
+
+
+def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
+         embedding_on_cpu: bool | None, optim: str) -> tuple[bool, str, list[str]]:
+    """(embedding on the CPU, optimizer, lines to print) that fit `usable` GiB; ValueError if nothing does.
+
+    None / "auto" leave the choice to the plan: the embedding stays on the GPU and AdamW keeps
+    float32 moments wherever they fit.
+    """
+    fits = usable * GIB * HEADROOM
+    embeddings = [embedding_on_cpu] if embedding_on_cpu is not None else [False, True]
+    optims = [optim] if optim != "auto" else ["adamw", "adamw8bit"]
+    tried = []
+    for opt in optims:
+        for on_cpu in embeddings:
+            n = need(config, trainable, opt, tokens_per_micro_batch, graphs)
+            total = n.total(not on_cpu)
+            tried.append((total, on_cpu, opt))
+            if total <= fits:
+                lines = [f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}, "
+                         f"embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, adapter {n.adapter / GIB:.2f}, "
+                         f"optimizer {opt} {n.optimizer / GIB:.2f}, activations {n.activations / GIB:.2f} for "
+                         f"{tokens_per_micro_batch} tokens a micro-batch)"]
+                return on_cpu, opt, lines
+    best = min(tried)[0]
+    raise ValueError(
+        f"this run needs about {best / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is usable "
+        f"({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). Lower "
+        "--max-seq-len or --micro-batch-size, adapt fewer modules (--targets), pass --embedding-on-cpu and "
+        "--optim adamw8bit, or --cuda-graphs off")

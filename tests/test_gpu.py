@@ -1,0 +1,230 @@
+"""The GPU suite: the fast paths against their plain twins, and train.py itself on a CUDA GPU.
+
+Run with `pytest -m gpu` on a machine with a CUDA GPU (skipped elsewhere, with the reason). The
+train.py runs use a small model (the tiny preset's widths) written in the hub's layout and loaded
+as on a real run: NF4 base, bf16, the gate's fast paths, CUDA graphs, fused AdamW, CUDA RNG.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this is the GPU suite)")]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fast():
+    from model.fast import gate
+    return gate.decide("cuda")
+
+
+# --- the fast paths against their plain twins ------------------------------------------------------
+
+@pytest.mark.parametrize("t, window", [(1000, 128), (1000, None), (4096, 128)])
+def test_flex_attention_equals_eager_attention(t, window):
+    from model.attention import eager_attention
+    from model.fast.flex import flex_attention_with_sinks
+    if not fast().flex_attention:
+        pytest.skip(f"the gate chose eager attention here: {dict(fast().why)['attention']}")
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, t, h, 64, device="cuda", generator=g, dtype=torch.bfloat16) for h in (64, 8, 8))
+    s = torch.randn(64, device="cuda", generator=g)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, s)]
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v, s)]
+    out = flex_attention_with_sinks(*inputs, window)
+    expected = eager_attention(*ref, window)
+    dy = torch.randn(out.shape, device="cuda", generator=g)
+    got = torch.autograd.grad(out, inputs, dy.to(out.dtype))
+    want = torch.autograd.grad(expected, ref, dy.double())
+    assert rel(out, expected) < 1e-2
+    for a, b in zip(got, want):
+        assert rel(a, b) < 2e-2
+
+
+def test_compiled_chains_equal_the_plain_chains():
+    from model.gpt_oss import rms_norm
+    from model.moe import swiglu
+    from model.rope import apply_rotary
+    if not fast().compiled:
+        pytest.skip("the gate chose the plain chains here")
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(2, 300, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(2880, device="cuda", generator=g)
+    gu = torch.randn(600, 5760, device="cuda", generator=g, dtype=torch.bfloat16) * 5
+    q = torch.randn(2, 300, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    cos, sin = (torch.randn(300, 32, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    for fn, args in ((rms_norm, (x, w, 1e-5)), (swiglu, (gu, 1.702, 7.0)), (apply_rotary, (q, cos, sin))):
+        a = args[0].clone().requires_grad_()
+        b = args[0].clone().requires_grad_()
+        ya, yb = fn(a, *args[1:], compiled=True), fn(b, *args[1:], compiled=False)
+        dy = torch.randn(ya.shape, device="cuda", generator=g, dtype=ya.dtype)
+        (ga,), (gb,) = torch.autograd.grad(ya, a, dy), torch.autograd.grad(yb, b, dy)
+        assert rel(ya, yb) < 1e-2 and rel(ga, gb) < 1e-2, fn.__name__
+
+
+def nf4_and_dense_experts(group=None):
+    from model import GptOssConfig
+    from model.moe import Experts
+    from model.weights.nf4 import NF4Experts
+    cfg = GptOssConfig(num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    ex = Experts(cfg).cuda()
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.02)
+    nf4 = NF4Experts(cfg, group=group).cuda()
+    nf4.load_state_dict({k: v for k, v in ex.state_dict().items() if k.endswith("bias")}, strict=False)
+    for name in ("gate_up_proj", "down_proj"):
+        nf4.set_weight(name, getattr(ex, name).detach())
+    nf4.requires_grad_(False)                     # frozen biases, as under LoRA
+    dense = Experts(cfg).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(nf4.dequantized("gate_up_proj"))
+        dense.down_proj.copy_(nf4.dequantized("down_proj"))
+        dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
+        dense.down_proj_bias.copy_(ex.down_proj_bias)
+    dense.requires_grad_(False)
+    return nf4, dense
+
+
+@pytest.mark.parametrize("group", [None, 3])
+def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
+    """The NF4 kernels' layer (one group) and the dequantise-then-multiply path (groups of 3) against
+    dense bf16 experts holding the dequantised weights, run plainly (a loop over experts)."""
+    nf4, dense = nf4_and_dense_experts(group)
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
+    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    results = []
+    for layer, paths in ((nf4, fast()), (dense, None)):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = layer(xi, wi, idx, paths)
+        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
+        results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
+    for a, b in zip(*results):
+        assert rel(a, b) < 1.5e-2
+
+
+def test_experts_are_bit_reproducible():
+    """The same inputs give the same bits: each token's expert rows are summed in a fixed order."""
+    nf4, _ = nf4_and_dense_experts()
+    g = torch.Generator("cuda").manual_seed(4)
+    x = torch.randn(8192, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(8192, 4, device="cuda", generator=g), -1)
+    idx = torch.rand(8192, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    outs = []
+    for _ in range(3):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = nf4(xi, wi, idx, fast())
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), (xi, wi))))
+    for run in outs[1:]:
+        for a, b in zip(run, outs[0]):
+            assert torch.equal(a, b)
+
+
+# --- train.py on the GPU -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """The tiny preset's widths in the hub's MXFP4 layout, with the tiny tokenizer: loaded as a real run loads."""
+    from data import tiny_tokenizer, write_synthetic
+    from model import GptOss, GptOssConfig
+    from tests.test_loading import write_checkpoint
+    folder = tmp_path_factory.mktemp("small_model")
+    torch.manual_seed(0)
+    model = GptOss(GptOssConfig.from_name("tiny"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.1)
+    write_checkpoint(model, folder / "model", mxfp4=True)
+    tiny_tokenizer().save(str(folder / "model" / "tokenizer.json"))
+    write_synthetic(str(folder / "data"), n_train=48, n_val=16, seed=0)
+    return folder
+
+
+def train_args(small_model, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(small_model / "model"),
+            "--data", str(small_model / "data"), "--output-dir", str(out), "--max-seq-len", "256",
+            "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "2", "--save-every", "4", *extra]
+
+
+def run_train(small_model, out, *extra):
+    done = subprocess.run(train_args(small_model, out, *extra), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight(small_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    log = run_train(small_model, out)
+    assert "experts      NF4 Triton kernels" in log and "step: CUDA graphs" in log, log
+    return out
+
+
+def test_two_identical_runs_give_identical_adapters(small_model, straight, tmp_path):
+    run_train(small_model, tmp_path)
+    assert_same(adapter(tmp_path / "adapter"), adapter(straight / "adapter"))
+
+
+def test_stopping_and_resuming_equals_the_straight_run(small_model, straight, tmp_path):
+    run_train(small_model, tmp_path, "--max-steps", "5")
+    run_train(small_model, tmp_path, "--resume", "auto")
+    assert_same(adapter(tmp_path / "adapter"), adapter(straight / "adapter"))
+
+
+def test_sigterm_mid_run_saves_and_resumes_exactly(small_model, straight, tmp_path):
+    child = subprocess.Popen(train_args(small_model, tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"train"' in line) >= 2:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert list(tmp_path.glob("checkpoint-*")), "the stop wrote no checkpoint"
+    run_train(small_model, tmp_path, "--resume", "auto")
+    assert_same(adapter(tmp_path / "adapter"), adapter(straight / "adapter"))
+
+
+def test_the_plain_path_trains_too(small_model, tmp_path):
+    log = run_train(small_model, tmp_path, "--kernels", "plain", "--max-steps", "3")
+    assert "plain path: --kernels plain" in log and "step: eager" in log, log
+
+
+def test_a_non_finite_step_is_skipped(small_model, tmp_path):
+    """A learning rate that overflows the adapter gives non-finite losses: steps skipped, run stopped."""
+    done = subprocess.run(train_args(small_model, tmp_path, "--lr", "1e30", "--warmup-steps", "0",
+                                     "--max-grad-norm", "0", "--max-bad-steps", "2"),
+                          cwd=ROOT, capture_output=True, text=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("kind") == "train" and r["skipped"]]
+    assert skipped, records
+    assert done.returncode in (0, 1), done.stderr[-2000:]
