@@ -143,7 +143,7 @@ def train(config: TrainConfig) -> int:
     if not tiny and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
     resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     fit_memory(config, device, resume_from)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
