@@ -279,6 +279,9 @@ def train(config: TrainConfig) -> int:
         metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path)
     print(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
           f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {path}")
+    if device.type == "cuda":
+        print(f"GPU memory: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
     return 0
 
 
