@@ -4,13 +4,14 @@
 # Writes logs and adapters' digests under $OUT. Usage (device): bash bench/user_run.sh NAME [flags...]
 set -o pipefail
 name=$1; shift
+dir=${DIR:-/tmp/runs/$name}
 start=$(date +%s.%N)
-QLORA_GPU_MEMORY_GIB=${CAP:-15.58} python3 train.py --model $CKPT --data $DATA --rank 16 --output-dir /tmp/runs/$name "$@" \
+QLORA_GPU_MEMORY_GIB=${CAP:-15.58} python3 train.py --model $CKPT --data $DATA --rank 16 --output-dir $dir "$@" \
   > $OUT/$name.log 2>&1
 rc=$?
 end=$(date +%s.%N)
 echo "$name rc=$rc wall=$(python3 -c "print(round($end-$start,1))")s $(grep -E '^(done|GPU memory|memory plan|step:)' $OUT/$name.log | tr '\n' ' ')"
-python3 - /tmp/runs/$name <<'PY' >> $OUT/$name.log
+python3 - $dir <<'PY' >> $OUT/$name.log
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 train = [r for r in rows if r["kind"] == "train"]
