@@ -41,9 +41,11 @@ def _read_columns(source: str, split: str, wanted: list[str]) -> tuple[list[str]
         name, options = (str(path) if path.is_dir() else source), {"split": split}
     # A local source is read into a throwaway cache: its Arrow copy is not worth keeping, and
     # tests would otherwise fill ~/.cache. Hub data sets use the usual cache, so they download once.
+    bars = datasets.is_progress_bar_enabled()
     with tempfile.TemporaryDirectory() as scratch:
         if path.exists():
             options["cache_dir"] = scratch
+            datasets.disable_progress_bars()  # "Generating train split" of a local file says nothing
         try:
             table = datasets.load_dataset(name, **options)
         except Exception as error:  # datasets raises many kinds: offline, unknown repo, bad file
@@ -53,6 +55,9 @@ def _read_columns(source: str, split: str, wanted: list[str]) -> tuple[list[str]
                 advice = ("is the hub id right, and are we online? A local json/jsonl/csv/parquet "
                           "file works offline")
             raise ValueError(f"{source}: could not read it ({type(error).__name__}: {error}); {advice}") from error
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         names = list(table.column_names)
         # Plain lists, read before the scratch cache that backs the table is deleted.
         return names, table.select_columns([c for c in wanted if c in names]).to_dict()

@@ -351,6 +351,13 @@ def test_shortest_max_len_is_the_least_length_that_holds_a_cut_prompt(tok):
         render_prompt(tok, long_prompt, shortest - 1)
 
 
+def test_cli_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["data", "--source", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "out")])
+    from data.__main__ import main
+    with pytest.raises(SystemExit, match=r"^error: .*rows\.csv not found: there is no such file or folder"):
+        main()
+
+
 def test_absent_class_and_one_class_split(tmp_path):
     benign = write([{"prompt": f"ok {i}", "jailbreak": False} for i in range(20)], tmp_path / "benign.jsonl")
     with pytest.raises(ValueError, match=r"benign\.jsonl: no row has 'jailbreak' = True"):
