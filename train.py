@@ -205,8 +205,8 @@ def train(config: TrainConfig) -> int:
     else:
         metrics_path.unlink(missing_ok=True)
         if config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
-            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path,
-                                                          started)
+            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None,
+                                                        metrics_path, started)
     print(f"{len(train_set)} training examples, {config.micro_batch_size} x {config.grad_accum} per step: "
           f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
 
