@@ -23,26 +23,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
-
-from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split, special_id,
-                  tiny_tokenizer, write_synthetic)
-from eval import evaluate, format_table
-from eval.report import change
-from lora import inject, load_adapter, lora_parameters, save_adapter
-from lora.inject import count_trainable
-from memory_plan import cap_gpu_memory, plan, usable_gib
-from model import GptOss, GptOssConfig, load_model
-from model.fast import gate
-from model.fast.cuda_graph import GraphedStep, graph_problem
-from model.weights.loading import CheckpointError
-from model.loss import IGNORE
-
 DEFAULT_DATA = "walledai/JailbreakHub"
+# data.MAX_LEN, written out so that the command line needs no import of data/ (and torch): --help
+# answers at once. tests/test_train.py checks that the two agree.
+MAX_SEQ_LEN = 4096
 
 
 def option(default, help: str, type=None):
@@ -58,6 +45,9 @@ class TrainConfig:
     data: str | None = option(None, "hub id, a json/jsonl/csv/parquet file, or a folder holding train.jsonl and "
                        "val.jsonl; 'synthetic' is a small built-in task. Default: " + DEFAULT_DATA
                        + ", or synthetic with --model tiny", type=str)
+    prompt_column: str = option("prompt", "column of the prompt text in a --data file or hub data set")
+    label_column: str = option("jailbreak", "column of the label in a --data file or hub data set: true/false, "
+                               "yes/no, 1/0 or jailbreak/benign (any case)")
     n_examples: int = option(400, "examples drawn from --data when it is prepared here (half of each class)")
     output_dir: str = option("runs/qlora", "folder for checkpoints, the prepared data, metrics.jsonl and adapter/")
     # the adapter
@@ -78,7 +68,7 @@ class TrainConfig:
     epochs: int = option(3, "passes over the training split")
     micro_batch_size: int = option(2, "examples per forward/backward pass")
     grad_accum: int = option(4, "micro-batches per optimizer step")
-    max_seq_len: int = option(MAX_LEN, "longest example in tokens; longer prompts are cut in the middle")
+    max_seq_len: int = option(MAX_SEQ_LEN, "longest example in tokens; longer prompts are cut in the middle")
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
@@ -101,7 +91,8 @@ class TrainConfig:
     log_every: int = option(1, "write a metrics.jsonl line every N steps")
     save_every: int = option(50, "checkpoint every N steps (0: only at the end); always at the end")
     keep_last: int = option(2, "checkpoints kept (0: all); older ones are deleted")
-    resume: str | None = option(None, "a checkpoint folder, or 'auto' for the newest in --output-dir", type=str)
+    resume: str | None = option(None, "a checkpoint folder, or 'auto' for the newest in --output-dir "
+                                "(default: none, a fresh run)", type=str)
 
 
 # Fields that may change between a run and its resumption: they do not change what is computed
@@ -117,6 +108,46 @@ NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The command line, one flag per TrainConfig field (--micro-batch-size for micro_batch_size)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):  # --flag / --no-flag
+            default = f" (default {flag if f.default else '--no-' + flag[2:]})"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help + default)
+        elif f.metadata["type"] is bool:  # --flag / --no-flag, or neither: decided at run time
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:  # a None default is explained in the help text itself
+            default = "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
+                                help=help + default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+# --help and malformed flags are answered before torch and the parts below are imported (seconds).
+if __name__ == "__main__":
+    parse_args()
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data import (encode_split, load_tokenizer, make_batches, prepare, read_split, shortest_max_len,  # noqa: E402
+                  special_id, tiny_tokenizer, write_synthetic)
+from eval import evaluate, format_table  # noqa: E402
+from eval.report import change  # noqa: E402
+from lora import inject, load_adapter, lora_parameters, save_adapter  # noqa: E402
+from lora.inject import count_trainable  # noqa: E402
+from memory_plan import cap_gpu_memory, plan, usable_gib  # noqa: E402
+from model import GptOss, GptOssConfig, load_model  # noqa: E402
+from model.fast import gate  # noqa: E402
+from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
+from model.weights.loading import CheckpointError  # noqa: E402
+from model.loss import IGNORE  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -136,6 +167,7 @@ def main(argv=None) -> int:
 
 def train(config: TrainConfig) -> int:
     """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
+    started = time.monotonic()  # metrics.jsonl's "elapsed" counts from here
     check(config)
     tiny = config.model == "tiny"
     if config.data is None:
@@ -148,8 +180,7 @@ def train(config: TrainConfig) -> int:
     resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     fit_memory(config, device, resume_from)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.output_dir)  # created once the model and the data have loaded: no empty folder on an error
 
     # --- the model: frozen base (NF4 on GPU), then the adapter
     torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
@@ -171,6 +202,7 @@ def train(config: TrainConfig) -> int:
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     train_set, val_set, fingerprint = load_data(config, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
     pad_id = special_id(tokenizer, "<|endoftext|>")
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.micro_batch_size) / config.grad_accum)
     total_steps = config.epochs * steps_per_epoch
@@ -193,7 +225,8 @@ def train(config: TrainConfig) -> int:
     else:
         metrics_path.unlink(missing_ok=True)
         if config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
-            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path)
+            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None,
+                                                        metrics_path, started)
     print(f"{len(train_set)} training examples, {config.micro_batch_size} x {config.grad_accum} per step: "
           f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
 
@@ -245,7 +278,7 @@ def train(config: TrainConfig) -> int:
             bar.update(1)
             if step % config.log_every == 0 or not finite:
                 log(metrics_path, {k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
-                                   for k, v in record.items()})
+                                   for k, v in record.items()}, started)
             if not finite:
                 tqdm.write(f"step {step}: non-finite loss ({record['loss']}) or gradient norm "
                            f"({record['grad_norm']}); step skipped ({progress['bad_in_a_row']} in a row)")
@@ -260,7 +293,7 @@ def train(config: TrainConfig) -> int:
             # evaluate, checkpoint
             if config.eval_every and step % config.eval_every == 0:
                 metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"],
-                                           metrics_path)
+                                           metrics_path, started)
                 evaluated_at = step
             if (config.save_every and step % config.save_every == 0) or stop["signal"] is not None:
                 path = save_checkpoint(out, model, optimizer, progress, config, fingerprint)
@@ -277,9 +310,10 @@ def train(config: TrainConfig) -> int:
     step = progress["step"]
     path = save_checkpoint(out, model, optimizer, progress, config, fingerprint) if saved_at != step else \
         checkpoint_path(out, step)
-    save_adapter(model, str(out / "adapter"))
+    save_adapter(model, str(out / "adapter"), **adapter_base(config))
     if evaluated_at != step:
-        metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path)
+        metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path,
+                                   started)
     print(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
           f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {path}")
     if device.type == "cuda":
@@ -372,23 +406,26 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 
 # ----------------------------------------------------------------------------- evaluation and logging
 def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, base: dict | None,
-                     metrics_path: Path) -> dict:
+                     metrics_path: Path, started: float) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
     metrics = evaluate(model, tokenizer, val_set, batch_size=config.eval_batch_size,
-                       threshold=config.threshold, max_len=config.max_seq_len)
+                       threshold=config.threshold, max_len=config.max_seq_len, progress=True)
     name = "base" if step == 0 and base is None else f"step {step}"
     columns = {name: metrics}
     if base is not None:
         columns = {"base": base, name: metrics, "change": change(base, metrics)}
     tqdm.write(f"validation ({len(val_set)} examples) at step {step}:\n{format_table(columns)}")
-    log(metrics_path, {"kind": "eval", "step": step, **metrics})
+    log(metrics_path, {"kind": "eval", "step": step, **metrics}, started)
     return metrics
 
 
-def log(metrics_path: Path, record: dict):
-    """Append one JSON line to metrics.jsonl."""
+def log(metrics_path: Path, record: dict, started: float):
+    """Append one JSON line to metrics.jsonl, stamped with the time (UTC) and the seconds since `started`
+    (a time.monotonic() of this run's start; a resumed run counts from its own start)."""
+    stamp = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "elapsed": round(time.monotonic() - started, 3)}
     with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({**record, **stamp}) + "\n")
 
 
 def keep_metrics_until(metrics_path: Path, step: int):
@@ -407,6 +444,12 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[list, list[dict], str]:
     --data is used as is when it is a folder holding train.jsonl and val.jsonl; otherwise it is
     prepared (deterministically, with the seed) into <output-dir>/data.
     """
+    shortest = shortest_max_len(tokenizer)
+    if config.max_seq_len < shortest:
+        raise UsageError(f"--max-seq-len {config.max_seq_len} is too short: the system message, policy, "
+                         f"answer and a cut prompt need at least {shortest} tokens of this model's tokenizer. "
+                         f"Pass --max-seq-len {shortest} or more (default {MAX_SEQ_LEN})")
+    # Nothing is written before the source has been read and checked: prepare() writes last.
     source, folder = config.data, Path(config.data).expanduser()
     with user_errors(f"cannot use the data {source!r}"):
         if source == "synthetic":
@@ -415,7 +458,8 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[list, list[dict], str]:
             print(f"built-in synthetic task: {counts['train']} train, {counts['val']} val -> {folder}")
         elif not (folder.is_dir() and (folder / "train.jsonl").is_file()):
             folder = Path(config.output_dir) / "data"
-            prepare(source, str(folder), n=config.n_examples, seed=config.seed)
+            prepare(source, str(folder), n=config.n_examples, seed=config.seed,
+                    prompt_column=config.prompt_column, label_column=config.label_column)
         train_examples = read_split(str(folder / "train.jsonl"))
         val_set = read_split(str(folder / "val.jsonl"))
         train_set, n_cut = encode_split(tokenizer, train_examples, config.max_seq_len)
@@ -427,6 +471,11 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[list, list[dict], str]:
           f"{lengths[len(lengths) // 2]}, longest {lengths[-1]}; {n_cut} prompts cut to --max-seq-len "
           f"{config.max_seq_len}")
     return train_set, val_set, digest.hexdigest()
+
+
+def adapter_base(config: TrainConfig) -> dict:
+    """The base model an adapter of this run belongs to, as save_adapter records it (tiny: and its seed)."""
+    return {"base_model": config.model, "base_seed": config.seed if config.model == "tiny" else None}
 
 
 @contextlib.contextmanager
@@ -469,7 +518,7 @@ def save_checkpoint(out: Path, model, optimizer, progress: dict, config: TrainCo
     step = progress["step"]
     final, tmp = checkpoint_path(out, step), out / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-    save_adapter(model, str(tmp))
+    save_adapter(model, str(tmp), **adapter_base(config))
     opt = optimizer.state_dict()
     save_file({f"state.{index}.{name}": value.detach().cpu().contiguous()
                for index, state in opt["state"].items() for name, value in state.items()},
@@ -572,23 +621,15 @@ def catch_signals(stop: dict):
 
 
 # ----------------------------------------------------------------------------- command line
-def parse_args(argv=None) -> TrainConfig:
-    """The command line, one flag per TrainConfig field (--micro-batch-size for micro_batch_size)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool) or f.metadata["type"] is bool:  # --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            default = "" if f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
-                                help=help + default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
 def check(config: TrainConfig):
     """Ranges of the settings, all problems in one message."""
     problems = []
+    for f in dataclasses.fields(config):  # inf and nan pass every comparison below, or fail it oddly
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+    if problems:
+        raise UsageError("; ".join(problems))
     for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
                  "log_every", "max_bad_steps", "n_examples"):
         if getattr(config, name) < 1:
@@ -611,6 +652,11 @@ def check(config: TrainConfig):
         problems.append(f"--min-lr-ratio must be in [0, 1], not {config.min_lr_ratio}")
     if not 0 < config.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1, not {config.threshold}")
+    out = Path(config.output_dir).expanduser()
+    in_the_way = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        problems.append(f"--output-dir {config.output_dir}: {in_the_way} is a file, not a folder; choose "
+                        "another --output-dir")
     if problems:
         raise UsageError("; ".join(problems))
 

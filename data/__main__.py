@@ -15,16 +15,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=400, help="examples to draw, half of each class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--prompt-column", default="prompt")
-    parser.add_argument("--label-column", default="jailbreak")
+    parser.add_argument("--prompt-column", default="prompt", help="column of the prompt text")
+    parser.add_argument("--label-column", default="jailbreak",
+                        help="column of the label: true/false, yes/no, 1/0 or jailbreak/benign (any case)")
     parser.add_argument("--split", default="train", help="split of a hub data set")
     parser.add_argument("--tokenizer", default=None,
                         help="optional: model folder, hub id or 'tiny', to report token lengths and cuts")
     parser.add_argument("--max-len", type=int, default=MAX_LEN, help="with --tokenizer: the length to report cuts for")
     args = parser.parse_args()
     print(vars(args))
-    prepare(args.source, args.out, n=args.n, seed=args.seed, val_fraction=args.val_fraction,
-            prompt_column=args.prompt_column, label_column=args.label_column, split=args.split)
+    try:
+        prepare(args.source, args.out, n=args.n, seed=args.seed, val_fraction=args.val_fraction,
+                prompt_column=args.prompt_column, label_column=args.label_column, split=args.split)
+    except (FileNotFoundError, ValueError) as error:  # what the user pointed at: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer)
         for name in ("train", "val"):

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from model.loss import IGNORE
+from data.harmony import IGNORE
 
 BUCKET_BATCHES = 50  # batches per length bucket: enough to pad little, few enough to stay random.
 

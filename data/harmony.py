@@ -15,7 +15,6 @@ import warnings
 
 from tokenizers import Tokenizer
 
-from model.loss import IGNORE
 
 # Special tokens of o200k_harmony that our tokenizers must carry. Their ids differ between the real
 # tokenizer and the tiny one, so they are always looked up by name, never written as numbers.
@@ -32,6 +31,10 @@ HARMONY_SPECIAL_TOKENS = (
 # at one position, and the two words share no first token. Words like "jailbreak"/"benign" say more
 # but are likely split into pieces ("jail" + "break"), and would then be scored by a word fragment.
 LABELS = {True: "yes", False: "no"}
+
+# The label of a position that is not trained (the prompt, padding): PyTorch's cross-entropy
+# convention, and model/loss.py's. Defined here too so that data/ needs nothing from model/.
+IGNORE = -100
 
 KNOWLEDGE_CUTOFF = "2024-06"  # gpt-oss's stated cutoff, as its own chat template writes it.
 DEFAULT_DATE = "2025-08-05"   # fixed, so that a render never depends on the day it runs.
@@ -142,6 +145,14 @@ def _prompt_ids(tokenizer, prompt_text, max_len, policy, date, reasoning) -> tup
     room = max_len - len(before) - len(after) - longest_answer
     user, was_cut = _fit_user_text(tokenizer, user, room, max_len)
     return before + user + after, was_cut
+
+
+def shortest_max_len(tokenizer: Tokenizer, policy: str = DEFAULT_POLICY, date: str = DEFAULT_DATE,
+                     reasoning: str = DEFAULT_REASONING) -> int:
+    """The least max_len that holds the system message, policy, answer and a prompt cut to its ends."""
+    before, after = _frame(tokenizer, policy, date, reasoning)
+    longest_answer = max(len(_answer(tokenizer, label)) for label in LABELS)
+    return len(before) + len(after) + longest_answer + len(encode_text(tokenizer, CUT_MARKER)) + 2
 
 
 def render_prompts(tokenizer: Tokenizer, prompts: list[str], max_len: int | None,

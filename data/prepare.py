@@ -6,6 +6,7 @@ The system and developer (policy) messages are added when encoding, so a changed
 new preparation.
 """
 
+import codecs
 import json
 import random
 import tempfile
@@ -29,14 +30,22 @@ def _read_columns(source: str, split: str, wanted: list[str]) -> tuple[list[str]
                              f"{sorted(LOCAL_FORMATS)}")
         if path.stat().st_size == 0:
             raise ValueError(f"{source}: the file is empty; expected rows with a prompt and a label")
+        if builder in ("json", "csv"):
+            _check_utf8(path)
         name, options = builder, {"data_files": str(path), "split": "train"}
+    elif not path.exists() and _looks_like_a_path(source):
+        raise FileNotFoundError(f"{source} not found: there is no such file or folder. Expected a "
+                                f"{'/'.join(f[1:] for f in LOCAL_FORMATS)} file, a folder, or a hub id such "
+                                "as walledai/JailbreakHub")
     else:  # a folder laid out like a hub repo (data/train-*.parquet ...) or a hub id
         name, options = (str(path) if path.is_dir() else source), {"split": split}
     # A local source is read into a throwaway cache: its Arrow copy is not worth keeping, and
     # tests would otherwise fill ~/.cache. Hub data sets use the usual cache, so they download once.
+    bars = datasets.is_progress_bar_enabled()
     with tempfile.TemporaryDirectory() as scratch:
         if path.exists():
             options["cache_dir"] = scratch
+            datasets.disable_progress_bars()  # "Generating train split" of a local file says nothing
         try:
             table = datasets.load_dataset(name, **options)
         except Exception as error:  # datasets raises many kinds: offline, unknown repo, bad file
@@ -46,19 +55,54 @@ def _read_columns(source: str, split: str, wanted: list[str]) -> tuple[list[str]
                 advice = ("is the hub id right, and are we online? A local json/jsonl/csv/parquet "
                           "file works offline")
             raise ValueError(f"{source}: could not read it ({type(error).__name__}: {error}); {advice}") from error
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         names = list(table.column_names)
         # Plain lists, read before the scratch cache that backs the table is deleted.
         return names, table.select_columns([c for c in wanted if c in names]).to_dict()
 
 
+# Label forms a data file may use, case-insensitive; a CSV reader may hand any of them over as text.
+LABEL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False,
+               "jailbreak": True, "benign": False}
+
+
+def _looks_like_a_path(source: str) -> bool:
+    # A hub data set id is "name" or "owner/name"; a file suffix, a leading "." "/" "~" or a deeper
+    # path can only be meant as a local file, so its absence is no question of being online.
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or Path(source).suffix.lower() in LOCAL_FORMATS)
+
+
+def _check_utf8(path: Path):
+    """A text file that is not UTF-8 fails here, saying where, rather than deep inside the reader."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # the start of a character that the last chunk cut
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                at = offset - len(pending) + error.start
+                raise ValueError(f"{path}: not UTF-8 text (byte {at} is 0x{error.object[error.start]:02x}); "
+                                 "save the file as UTF-8 and try again") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def _as_label(value, source: str, row: int, column: str) -> bool:
-    # CSV readers turn true/false into booleans, unless one cell spoils the column: then all are text.
+    """True (jailbreak) or False (benign) from a boolean, 0/1, or one of LABEL_WORDS."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{source}, row {row}, column {column!r}: expected a boolean label (true/false), "
-                     f"found {value!r}; convert the column to booleans, or name the right one with "
+    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0 too: a CSV column with a gap reads as float
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise ValueError(f"{source}, row {row}, column {column!r}: expected a label (true/false, yes/no, 1/0 or "
+                     f"jailbreak/benign), found {value!r}; fix that row, or name the label column with "
                      "--label-column")
 
 

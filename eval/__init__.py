@@ -2,4 +2,6 @@
 
 from eval.metrics import classification_metrics, roc_auc
 from eval.report import evaluate, format_table
-from eval.score import answer_label, generate_answers, parse_final, score_examples
+# `classify` is the function; `python -m eval.classify` is its command line, a module nothing imports
+# (importing it would put the module in the function's place here).
+from eval.score import answer_label, classify, generate_answers, parse_final, score_examples

@@ -8,11 +8,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from data import MAX_LEN, load_tokenizer, read_split, tiny_tokenizer
+from data import MAX_LEN, read_split
+from eval.loading import add_adapter, check_adapter, load
 from eval.report import change, evaluate, format_table
-from model import GptOss, GptOssConfig, load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,22 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load(name: str, seed: int):
-    """(model, tokenizer): the tiny random model on the CPU, or a checkpoint in NF4 on the GPU."""
-    if name == "tiny":
-        torch.manual_seed(seed)
-        return GptOss(GptOssConfig.from_name("tiny")).eval(), tiny_tokenizer()
-    if not torch.cuda.is_available():
-        raise SystemExit(f"error: --model {name} needs a CUDA GPU (NF4 weights, bf16 compute) and none "
-                         "was found; run on a GPU machine, or pass --model tiny to check the pipeline")
-    try:
-        model = load_model(name, quantize="nf4")
-        tokenizer = load_tokenizer(name)
-    except (OSError, ValueError) as error:  # CheckpointError is a ValueError
-        raise SystemExit(f"error: could not load --model {name}: {error}") from None
-    return model.eval(), tokenizer
-
-
 def main(argv=None) -> dict:
     """Run the evaluation; returns the report that it also prints and writes."""
     args = parse_args(argv)
@@ -57,8 +39,8 @@ def main(argv=None) -> dict:
     if not data_path.is_file():
         raise SystemExit(f"error: --data {args.data} not found; expected a val.jsonl written by "
                          "python -m data --out DIR")
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise SystemExit(f"error: --adapter {args.adapter} is not a folder; expected one saved by training")
+    if args.adapter is not None:
+        check_adapter(args.adapter)
     try:
         examples = read_split(str(data_path))
     except ValueError as error:
@@ -70,12 +52,7 @@ def main(argv=None) -> dict:
                    max_len=args.max_len, max_new_tokens=args.max_new_tokens, progress=True)
     results = {"base": evaluate(model, tokenizer, examples, **options)}
     if args.adapter is not None:
-        from lora import load_adapter  # only this path needs lora/
-
-        try:
-            load_adapter(model, args.adapter)  # injects LoRA into the model, in place
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: could not load --adapter {args.adapter}: {error}") from None
+        add_adapter(model, args.adapter, args.model, args.seed)  # injects LoRA into the model, in place
         results["adapter"] = evaluate(model, tokenizer, examples, **options)
         results["change"] = change(results["base"], results["adapter"])
 

@@ -61,6 +61,15 @@ def score_examples(model, tokenizer, prompts: list[str], batch_size: int = 8,
     return score_rendered(model, tokenizer, encoded, batch_size, progress, return_raw)
 
 
+def classify(model, tokenizer, prompts: list[str], threshold: float = 0.5, batch_size: int = 8,
+             max_len: int | None = MAX_LEN, progress: bool = False) -> list[dict]:
+    """[{"prompt", "p_jailbreak", "jailbreak"}] per prompt, in order: the score, and whether it reaches
+    the threshold. Use the training run's --max-seq-len as max_len, so prompts are cut as in training."""
+    scores = score_examples(model, tokenizer, prompts, batch_size, max_len, progress)
+    return [{"prompt": prompt, "p_jailbreak": score, "jailbreak": score >= threshold}
+            for prompt, score in zip(prompts, scores)]
+
+
 def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int = 8, progress: bool = False,
                    return_raw: bool = False):
     """`score_examples` of prompts already rendered (`data.render_prompts`)."""

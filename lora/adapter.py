@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -66,12 +67,16 @@ def _entries(model: nn.Module):
                        _experts_B_to_peft, _experts_B_from_peft)
 
 
-def adapter_config(model: nn.Module) -> dict:
-    """adapter_config.json for PEFT's LoraConfig, from `model.lora_config`."""
+def adapter_config(model: nn.Module, base_model: str | None = None, base_seed: int | None = None) -> dict:
+    """adapter_config.json for PEFT's LoraConfig, from `model.lora_config` and the base it was trained on."""
     c = model.lora_config
     params = c["target_parameters"]
+    if base_model is not None and base_seed is None and os.path.exists(os.path.expanduser(base_model)):
+        base_model = os.path.abspath(os.path.expanduser(base_model))  # a folder means the same from anywhere
+    # "base_model_seed" is ours (PEFT ignores it): a random base such as 'tiny' is known by its seed
+    seed = {} if base_seed is None else {"base_model_seed": base_seed}
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, **seed,
         "r": c["r"], "lora_alpha": c["lora_alpha"], "use_rslora": c["use_rslora"],
         # PEFT refuses dropout with target_parameters (it changes the weight, not the input); dropout
         # is a training-time choice and does not change what the adapter computes at inference
@@ -83,8 +88,12 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, folder: str):
-    """Write the adapter (float32) and its config to `folder`, in PEFT's layout."""
+def save_adapter(model: nn.Module, folder: str, base_model: str | None = None, base_seed: int | None = None):
+    """Write the adapter (float32) and its config to `folder`, in PEFT's layout.
+
+    base_model (a hub id or folder) and, for a random base such as 'tiny', base_seed name the model the
+    adapter belongs to; load_adapter checks them.
+    """
     if not hasattr(model, "lora_config"):
         raise ValueError("the model has no LoRA: call lora.inject(model, ...) first")
     os.makedirs(folder, exist_ok=True)
@@ -93,7 +102,7 @@ def save_adapter(model: nn.Module, folder: str):
     save_file(tensors, os.path.join(folder, WEIGHTS + ".tmp"), metadata={"format": "pt"})
     os.replace(os.path.join(folder, WEIGHTS + ".tmp"), os.path.join(folder, WEIGHTS))
     with open(os.path.join(folder, CONFIG + ".tmp"), "w") as f:
-        json.dump(adapter_config(model), f, indent=2)
+        json.dump(adapter_config(model, base_model, base_seed), f, indent=2)
     os.replace(os.path.join(folder, CONFIG + ".tmp"), os.path.join(folder, CONFIG))
 
 
@@ -125,10 +134,46 @@ def _targets(c: dict) -> list[str]:
     return list(modules) + params
 
 
-def load_adapter(model: nn.Module, folder: str):
-    """Load an adapter saved by `save_adapter` or PEFT; injects LoRA as its config says if the model has none."""
+def _describe(name: str, seed: int | None) -> str:
+    return f"{name!r} (seed {seed})" if seed is not None else repr(name)
+
+
+def check_base(c: dict, path: str, base_model: str, base_seed: int | None = None):
+    """Refuse an adapter whose config names another base than (base_model, base_seed); warn where the
+    two cannot be compared. An adapter on the wrong base loads without a complaint from the shapes
+    and then scores at chance, so this is the only place the mistake can be caught."""
+    saved, saved_seed = c.get("base_model_name_or_path"), c.get("base_model_seed")
+    if saved is None:
+        warnings.warn(f"{path} does not say which base model it was trained on, so it cannot be checked "
+                      f"against {_describe(base_model, base_seed)}; if its scores look like chance, it "
+                      "belongs to another base", stacklevel=3)
+        return
+    here, there = os.path.expanduser(base_model), os.path.expanduser(saved)
+    folders = base_seed is None and saved_seed is None and (os.path.exists(here), os.path.exists(there))
+    same_name = os.path.samefile(here, there) if folders == (True, True) else saved == base_model
+    if same_name and saved_seed == base_seed:
+        return
+    # A hub id and a folder may hold the same weights: only there is the difference a warning.
+    comparable = same_name or not (folders and any(folders))
+    message = (f"{path} was trained on the base model {_describe(saved, saved_seed)}, not on "
+               f"{_describe(base_model, base_seed)}")
+    if comparable:
+        raise ValueError(f"{message}; on another base it scores at chance. Load it onto the model it was "
+                         f"trained on" + (f" (--model {saved} --seed {saved_seed})" if saved_seed is not None
+                                          else f" (--model {saved})"))
+    warnings.warn(f"{message}; if the two do not hold the same weights, its scores are meaningless",
+                  stacklevel=3)
+
+
+def load_adapter(model: nn.Module, folder: str, base_model: str | None = None, base_seed: int | None = None):
+    """Load an adapter saved by `save_adapter` or PEFT; injects LoRA as its config says if the model has none.
+
+    Given base_model (and base_seed for a random base), an adapter saved for another base is refused.
+    """
     c = _read_config(folder)
     path = os.path.join(folder, CONFIG)
+    if base_model is not None:
+        check_base(c, path, base_model, base_seed)
     if not any(isinstance(m, LORA_MODULES) for m in model.modules()):
         try:
             inject(model, targets=_targets(c), rank=c["r"], alpha=c["lora_alpha"],

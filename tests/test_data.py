@@ -5,6 +5,7 @@ Expected harmony strings are written by hand from the format's specification (gp
 """
 
 import json
+import subprocess
 import sys
 
 import datasets
@@ -284,8 +285,10 @@ BAD_SOURCES = {
     "missing column": ("rows.csv", [{"prompt": "a", "label": True}], r"rows\.csv.*\['jailbreak'\] not found.*--label-column"),
     "non-boolean label": ("rows.csv", "prompt,jailbreak\nhello,True\nworld,False\nthere,maybe\n",
                           r"rows\.csv, row 3, column 'jailbreak'.*'maybe'"),
-    "integer labels": ("ints.parquet", [{"prompt": "a", "jailbreak": 1}, {"prompt": "b", "jailbreak": 0}],
-                       r"ints\.parquet, row 1, column 'jailbreak'.*found 1"),
+    "label out of range": ("ints.parquet", [{"prompt": "a", "jailbreak": 1}, {"prompt": "b", "jailbreak": 2}],
+                           r"ints\.parquet, row 2, column 'jailbreak'.*yes/no.*found 2.*--label-column"),
+    "not UTF-8": ("latin1.csv", "prompt,jailbreak\nhello,true\ncaf\xe9,false\n".encode("latin-1"),
+                  r"latin1\.csv: not UTF-8 text \(byte 31 is 0xe9\); save the file as UTF-8"),
     "empty file": ("empty.jsonl", "", r"empty\.jsonl: the file is empty"),
     "header only": ("header.csv", "prompt,jailbreak\n", r"header\.csv.*at least one row"),
 }
@@ -297,10 +300,62 @@ def test_a_bad_source_fails_naming_file_row_and_column(tmp_path, case):
     path = tmp_path / name
     if isinstance(content, str):
         path.write_text(content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     else:
         write(content, path)
     with pytest.raises(ValueError, match=message):
         prepare(str(path), str(tmp_path / "out"))
+
+
+LABEL_FORMS = {  # (jailbreak, benign) as a data file may write them
+    "booleans": (True, False), "integers 1/0": (1, 0), "yes/no": ("yes", "no"), "Yes/No": ("Yes", "No"),
+    "jailbreak/benign": ("jailbreak", "BENIGN"), "true/false text": ("TRUE", "false"), "1/0 text": ("1", "0"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_every_common_label_form_reads_as_booleans(tmp_path, form, suffix):
+    reference = prepare(str(write(make_rows(), tmp_path / "rows.jsonl")), str(tmp_path / "ref"), n=40)
+    yes, no = LABEL_FORMS[form]
+    rows = [dict(r, jailbreak=yes if r["jailbreak"] else no) for r in make_rows()]
+    assert prepare(str(write(rows, tmp_path / f"labels{suffix}")), str(tmp_path / "out"), n=40) == reference
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+@pytest.mark.parametrize("source", ["rows.csv", "./rows", "data/rows.parquet", "~/no/such/folder"])
+def test_a_missing_local_file_is_not_found_not_a_question_of_being_online(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{source} not found: there is no such file or folder") as error:
+        prepare(source, str(tmp_path / "out"))
+    assert "online" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_imports_nothing_of_model_and_masks_with_its_ignore_label():
+    code = "import sys, data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'model'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from data import IGNORE
+    from model.loss import IGNORE as MODEL_IGNORE
+    assert IGNORE == MODEL_IGNORE == -100  # the mask data writes is the one the loss skips
+
+
+def test_shortest_max_len_is_the_least_length_that_holds_a_cut_prompt(tok):
+    from data import shortest_max_len
+    shortest, long_prompt = shortest_max_len(tok), "many words here " * 200
+    assert len(render_prompt(tok, long_prompt, shortest)) <= shortest
+    with pytest.raises(ValueError, match="too few to cut"):
+        render_prompt(tok, long_prompt, shortest - 1)
+
+
+def test_cli_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["data", "--source", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "out")])
+    from data.__main__ import main
+    with pytest.raises(SystemExit, match=r"^error: .*rows\.csv not found: there is no such file or folder"):
+        main()
 
 
 def test_absent_class_and_one_class_split(tmp_path):

@@ -4,16 +4,19 @@ forward, batch and padding invariance, greedy answers and their parsing, and `py
 CPU, the tiny model (conftest's `tiny_model`, fixed seed) and data's tiny tokenizer; nothing is downloaded.
 """
 
+import io
 import json
 import random
+import runpy
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 from data import LABELS, encode_text, label_token_ids, render_prompt, special_id, tiny_tokenizer
-from eval import (answer_label, classification_metrics, evaluate, generate_answers, parse_final, roc_auc,
-                  score_examples)
+from eval import (answer_label, classification_metrics, classify, evaluate, generate_answers, parse_final,
+                  roc_auc, score_examples)
 from eval.__main__ import main
 from model import GptOss, GptOssConfig
 
@@ -320,7 +323,7 @@ def test_python_m_eval_with_an_adapter_prints_base_adapter_and_change(tmp_path, 
         for name, p in lora.lora_parameters(donor):
             if name.endswith("lora_B"):
                 p.normal_(0.0, 1.0)
-    lora.save_adapter(donor, str(tmp_path / "adapter"))
+    lora.save_adapter(donor, str(tmp_path / "adapter"), base_model="tiny", base_seed=0)
     write_split(tmp_path / "val.jsonl", [(PROMPTS[0], True), (PROMPTS[1], False)])
     report = main(["--model", "tiny", "--data", str(tmp_path / "val.jsonl"), "--adapter", str(tmp_path / "adapter"),
                    "--out", str(tmp_path / "report.json")])
@@ -341,3 +344,145 @@ def test_python_m_eval_says_what_is_wrong_without_a_traceback(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main(["--model", "openai/gpt-oss-20b", "--data", str(tmp_path / "val.jsonl")])
+
+
+def test_python_m_eval_refuses_an_adapter_of_another_base(tmp_path):
+    adapter = tiny_adapter(tmp_path / "adapter", seed=0)
+    write_split(tmp_path / "val.jsonl", [(PROMPTS[0], True), (PROMPTS[1], False)])
+    with pytest.raises(SystemExit, match=r"trained on the base model 'tiny' \(seed 0\), not on 'tiny' \(seed 1\)"):
+        main(["--model", "tiny", "--seed", "1", "--data", str(tmp_path / "val.jsonl"), "--adapter", adapter])
+
+
+# --- classify: the function and python -m eval.classify --------------------------------------
+
+def tiny_adapter(folder, seed=0):
+    """An adapter with random B (so that it changes the scores) for the tiny model of `seed`."""
+    import lora
+    torch.manual_seed(seed)
+    donor = GptOss(GptOssConfig.from_name("tiny"))
+    lora.inject(donor, rank=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for name, p in lora.lora_parameters(donor):
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 1.0)
+    lora.save_adapter(donor, str(folder), base_model="tiny", base_seed=seed)
+    return str(folder)
+
+
+def test_classify_is_the_score_and_its_threshold(tiny_model, tok):
+    import eval
+    assert eval.classify is classify  # `from eval import classify` is the function
+    scores = score_examples(tiny_model, tok, PROMPTS, batch_size=4)
+    threshold = sorted(scores)[len(scores) // 2]  # half of the prompts on each side
+    results = classify(tiny_model, tok, PROMPTS, threshold=threshold, batch_size=2)
+    assert [r["prompt"] for r in results] == PROMPTS
+    assert [r["p_jailbreak"] for r in results] == pytest.approx(scores, abs=1e-6)
+    assert [r["jailbreak"] for r in results] == [r["p_jailbreak"] >= threshold for r in results]
+    assert 0 < sum(r["jailbreak"] for r in results) < len(PROMPTS)
+
+
+def run_classify(monkeypatch, capsys, *argv, stdin=None):
+    """python -m eval.classify as the command line runs it; returns (stdout lines, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["python -m eval.classify", *argv])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    runpy.run_module("eval.classify", run_name="__main__")
+    captured = capsys.readouterr()
+    return captured.out.splitlines(), captured.err
+
+
+def test_python_m_eval_classify_from_arguments_a_file_and_stdin(tmp_path, monkeypatch, capsys):
+    from eval.loading import add_adapter, load
+    adapter = tiny_adapter(tmp_path / "adapter")
+    model, tokenizer = load("tiny", 0)
+    add_adapter(model, adapter, "tiny", 0)
+    expected = classify(model, tokenizer, PROMPTS[:3])
+
+    lines, _ = run_classify(monkeypatch, capsys, "--model", "tiny", "--adapter", adapter, "--json", *PROMPTS[:3])
+    assert [json.loads(line) for line in lines] == pytest.approx(expected)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n")
+    lines, _ = run_classify(monkeypatch, capsys, "--model", "tiny", "--adapter", adapter, "--file",
+                            str(tmp_path / "prompts.txt"), "--batch-size", "2")
+    assert len(lines) == 3                                                # the empty line is no prompt
+    for line, result in zip(lines, expected):
+        score, verdict, prompt = line.split(maxsplit=2)
+        assert float(score) == pytest.approx(result["p_jailbreak"], abs=1e-4)
+        assert verdict == ("jailbreak" if result["jailbreak"] else "benign")
+        assert prompt == " ".join(result["prompt"].split())
+    lines, _ = run_classify(monkeypatch, capsys, "--model", "tiny", "--adapter", adapter, "--json",
+                            stdin="\n".join(PROMPTS[:3]) + "\n")
+    assert [json.loads(line) for line in lines] == pytest.approx(expected)
+
+
+def test_python_m_eval_classify_says_what_is_wrong(tmp_path, monkeypatch, capsys):
+    adapter = tiny_adapter(tmp_path / "adapter", seed=0)
+    cases = [
+        (["--seed", "2", "--adapter", adapter, "hi"], r"'tiny' \(seed 0\), not on 'tiny' \(seed 2\)"),
+        (["--adapter", str(tmp_path / "none"), "hi"], "is not a folder"),
+        (["--file", str(tmp_path / "missing.txt")], "missing.txt not found"),
+        (["--file", str(tmp_path / "prompts.txt"), "hi"], "both as arguments and with --file"),
+        (["--threshold", "nan", "hi"], "--threshold must be between 0 and 1"),
+        (["--max-len", "50", "hi"], "--max-len 50 cannot hold the chat frame"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            run_classify(monkeypatch, capsys, "--model", "tiny", *argv)
+    with pytest.raises(SystemExit, match="standard input holds no prompt"):
+        run_classify(monkeypatch, capsys, "--model", "tiny", stdin="\n  \n")
+
+
+# --- python -m eval.plot ---------------------------------------------------------------------
+
+def write_metrics(folder):
+    folder.mkdir(exist_ok=True)
+    records = [{"kind": "train", "step": s, "loss": None if s == 3 else 2.0 / s, "lr": 1e-3 * s} for s in range(1, 7)]
+    records += [{"kind": "eval", "step": 3, "f1": 0.5}, {"kind": "eval", "step": 6, "f1": 0.9}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_python_m_eval_plot_draws_loss_lr_and_f1(tmp_path, capsys):
+    from eval.plot import main as plot_main, read_metrics
+    write_metrics(tmp_path / "run")
+    train_records, eval_records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(train_records) == 6 and [r["f1"] for r in eval_records] == [0.5, 0.9]
+    assert plot_main([str(tmp_path / "run")]) == 0
+    image = tmp_path / "run" / "metrics.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    assert f"wrote {image}" in capsys.readouterr().out
+
+
+def test_python_m_eval_plot_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from eval.plot import main as plot_main
+    assert plot_main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip().endswith("pass the --output-dir of a train.py run")
+    write_metrics(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    assert plot_main([str(tmp_path / "run")]) == 2
+    assert "metrics.jsonl, line 9: not valid JSON" in capsys.readouterr().err
+    write_metrics(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert plot_main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: python -m eval.plot needs matplotlib, which is not installed: pip install matplotlib\n"
+    assert not (tmp_path / "run" / "metrics.png").exists()
+
+
+# --- from any folder -------------------------------------------------------------------------
+
+def test_pyproject_installs_every_package_and_the_command_runs_from_another_folder(tmp_path):
+    import os
+    import subprocess
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        packages = tomllib.load(f)["tool"]["setuptools"]["packages"]
+    on_disk = [name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "__init__.py"))]
+    assert sorted(packages) == sorted(on_disk) == ["data", "eval", "lora", "model"]
+    # what `pip install -e .` gives, as the README's PYTHONPATH alternative: run outside the repository
+    result = subprocess.run([sys.executable, "-m", "eval.classify", "--model", "tiny", "--json", "hi there"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["prompt"] == "hi there"
+    assert result.stderr == ""  # no warning on a normal start (bitsandbytes' CPU notice included)

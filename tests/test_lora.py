@@ -253,6 +253,47 @@ def test_load_errors_name_what_does_not_fit(tiny_model, tmp_path):
         load_adapter(GptOss(tiny_model.config), folder)
 
 
+def test_an_adapter_records_its_base_and_refuses_another(tiny_model, tmp_path, monkeypatch):
+    inject(tiny_model, rank=4, verbose=False)
+    randomize(tiny_model)
+    save_adapter(tiny_model, tmp_path / "tiny", base_model="tiny", base_seed=3)
+    config = json.loads((tmp_path / "tiny" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["base_model_seed"]) == ("tiny", 3)
+    load_adapter(GptOss(tiny_model.config), tmp_path / "tiny", base_model="tiny", base_seed=3)  # its own base
+    # a random model of another seed has every shape right, and would score at chance
+    with pytest.raises(ValueError, match=r"trained on the base model 'tiny' \(seed 3\), not on 'tiny' \(seed 4\)"
+                                         r".*--model tiny --seed 3"):
+        load_adapter(GptOss(tiny_model.config), tmp_path / "tiny", base_model="tiny", base_seed=4)
+
+    save_adapter(tiny_model, tmp_path / "hub", base_model="openai/gpt-oss-20b")
+    assert "base_model_seed" not in json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="'openai/gpt-oss-20b', not on 'openai/gpt-oss-safeguard-20b'"):
+        load_adapter(GptOss(tiny_model.config), tmp_path / "hub", base_model="openai/gpt-oss-safeguard-20b")
+    # a folder may hold the hub model's weights: that cannot be told, so it is said, not refused
+    (tmp_path / "weights").mkdir()
+    with pytest.warns(UserWarning, match="'openai/gpt-oss-20b', not on .*weights.*if the two do not hold"):
+        load_adapter(GptOss(tiny_model.config), tmp_path / "hub", base_model=str(tmp_path / "weights"))
+    # a folder is recorded absolute, so the check holds from any working directory
+    monkeypatch.chdir(tmp_path)
+    save_adapter(tiny_model, tmp_path / "local", base_model="weights")
+    recorded = json.loads((tmp_path / "local" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "weights")
+    load_adapter(GptOss(tiny_model.config), tmp_path / "local", base_model="./weights/")
+    # an adapter that names no base (older, or saved without one) is loaded with a warning
+    save_adapter(tiny_model, tmp_path / "anonymous")
+    with pytest.warns(UserWarning, match="does not say which base model it was trained on"):
+        load_adapter(GptOss(tiny_model.config), tmp_path / "anonymous", base_model="tiny", base_seed=0)
+
+
+def test_peft_reads_the_recorded_base_and_ignores_our_seed_field(tiny_model, tmp_path):
+    from peft import LoraConfig
+    inject(tiny_model, rank=4, verbose=False)
+    save_adapter(tiny_model, tmp_path / "adapter", base_model="tiny", base_seed=3)
+    with pytest.warns(UserWarning, match="base_model_seed"):  # PEFT names the key it leaves out
+        config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert config.base_model_name_or_path == "tiny" and config.r == 4
+
+
 def logits_of(hf_model, input_ids):
     with torch.no_grad():
         return hf_model(input_ids=input_ids).logits

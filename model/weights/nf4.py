@@ -9,7 +9,15 @@ there.
 """
 from __future__ import annotations
 
-import bitsandbytes.functional as bnbf
+import logging
+
+# bitsandbytes' CPU backend looks for an optional faster CPU 4-bit matmul (the `kernels` package) when
+# it is imported, and logs a warning on every start without it. Its plain fallback is what runs, and
+# our CPU path does not depend on that matmul, so that one message (and no other) is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+
+import bitsandbytes.functional as bnbf  # noqa: E402
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
