@@ -142,7 +142,7 @@ from eval import evaluate, format_table  # noqa: E402
 from eval.report import change  # noqa: E402
 from lora import inject, load_adapter, lora_parameters, save_adapter  # noqa: E402
 from lora.inject import count_trainable  # noqa: E402
-from memory_plan import cap_gpu_memory, plan, usable_gib  # noqa: E402
+from memory_plan import SMALL_CARD_GIB, cap_gpu_memory, plan, usable_gib  # noqa: E402
 from model import GptOss, GptOssConfig, load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
@@ -198,7 +198,9 @@ def train(config: TrainConfig) -> int:
     params = [p for _, p in lora_parameters(model)]
     model.fast_paths = gate.decide(device, config.kernels)
     print(f"fast paths on {device}:\n{model.fast_paths.describe()}")
-    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths)
+    # a small card keeps few graphs: each holds its memory (memory_plan.SMALL_CARD_GIB)
+    small = device.type == "cuda" and usable_gib(device) < SMALL_CARD_GIB
+    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths, max_graphs=2 if small else None)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     train_set, val_set, fingerprint = load_data(config, tokenizer)
@@ -347,7 +349,8 @@ def fit_memory(config: TrainConfig, device, resume_from):
 
 
 # ----------------------------------------------------------------------------- one step
-def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedStep | None:
+def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths, max_graphs: int | None = None
+              ) -> GraphedStep | None:
     """The GraphedStep that runs each micro-batch, or None for the eager step; says which, and why."""
     problem = graph_problem(model, fast) if cuda_graphs != "off" else "--cuda-graphs off"
     if problem is not None and cuda_graphs == "on":
@@ -356,8 +359,9 @@ def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedS
     if problem is not None:
         print(f"step: eager, not CUDA graphs ({problem})")
         return None
-    print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed)")
-    return GraphedStep(model, params, fast)
+    kept = f"; at most {max_graphs} kept at once on this card" if max_graphs else ""
+    print(f"step: CUDA graphs (one captured per padded micro-batch shape, then replayed{kept})")
+    return GraphedStep(model, params, fast, max_graphs)
 
 
 def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tuple[torch.Tensor, int]:
