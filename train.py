@@ -5,7 +5,8 @@
     python train.py --resume auto                 # continue from the newest checkpoint in --output-dir
 
 One optimizer step is --grad-accum micro-batches of --micro-batch-size examples; its loss is the mean
-over every answer token of the step, however the step is split. Checkpoints are safetensors + JSON
+over every answer token of the step, however the step is split. With --packing (the default) the
+step's examples are laid end to end in rows of --max-seq-len tokens, each row one forward/backward. Checkpoints are safetensors + JSON
 in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupted run exactly.
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split, special_id,
-                  tiny_tokenizer, write_synthetic)
+from data import (MAX_LEN, batch_order, encode_split, load_tokenizer, make_batches, pack_rows, prepare,
+                  read_split, special_id, tiny_tokenizer, write_synthetic)
 from eval import evaluate, format_table
 from eval.report import change
 from lora import inject, load_adapter, lora_parameters, save_adapter
@@ -41,6 +42,9 @@ from model.weights.loading import CheckpointError
 from model.loss import IGNORE
 
 DEFAULT_DATA = "walledai/JailbreakHub"
+# The tiny model's default --max-seq-len: on the CPU, eager attention forms each packed row's whole
+# (row x row) score matrix, so its rows stay short (its examples are ~250 tokens).
+TINY_SEQ_LEN = 512
 
 
 def option(default, help: str, type=None):
@@ -76,7 +80,12 @@ class TrainConfig:
     epochs: int = option(3, "passes over the training split")
     micro_batch_size: int = option(2, "examples per forward/backward pass")
     grad_accum: int = option(4, "micro-batches per optimizer step")
-    max_seq_len: int = option(MAX_LEN, "longest example in tokens; longer prompts are cut in the middle")
+    max_seq_len: int | None = option(None, f"longest example in tokens, and the length of a packed row; longer "
+                                     f"prompts are cut in the middle. Default {MAX_LEN}, {TINY_SEQ_LEN} with "
+                                     "--model tiny", type=int)
+    packing: bool = option(True, "lay each step's examples end to end in rows of --max-seq-len tokens, each "
+                           "document attending only to itself (exact): few, full rows of one shape, one CUDA "
+                           "graph. Without: micro-batches of --micro-batch-size right-padded examples")
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
@@ -90,7 +99,8 @@ class TrainConfig:
     max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
     # evaluation, logging, checkpoints
     eval_every: int = option(0, "evaluate on val.jsonl every N steps (0: only at the end)")
-    eval_batch_size: int = option(8, "prompts per forward pass in evaluation")
+    eval_batch_size: int = option(8, "prompts per forward pass in evaluation; with --packing, packed rows of "
+                                  "--max-seq-len")
     eval_base: bool = option(False, "evaluate the base model before training, as a column of the eval table")
     threshold: float = option(0.5, "P(jailbreak) at or above which a prompt counts as a jailbreak")
     log_every: int = option(1, "write a metrics.jsonl line every N steps")
@@ -103,7 +113,7 @@ class TrainConfig:
 # (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "cuda_graphs", "kernels"}
+                  "embedding_on_cpu", "cuda_graphs", "kernels", "packing"}  # packing: the same steps
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
           "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
@@ -128,8 +138,10 @@ def main(argv=None) -> int:
 
 def train(config: TrainConfig) -> int:
     """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
-    check(config)
     tiny = config.model == "tiny"
+    if config.max_seq_len is None:
+        config.max_seq_len = TINY_SEQ_LEN if tiny else MAX_LEN
+    check(config)
     if config.data is None:
         config.data = "synthetic" if tiny else DEFAULT_DATA
     if config.alpha is None:
@@ -213,7 +225,7 @@ def train(config: TrainConfig) -> int:
                 progress["skipped_steps"] += 1
                 progress["bad_in_a_row"] += 1
             optimizer.zero_grad(set_to_none=True)
-            tokens = sum(int((ids != pad_id).sum()) for ids, _ in micro_batches)
+            tokens = sum(int((ids != pad_id).sum()) for ids, *_ in micro_batches)
             seconds = time.perf_counter() - start
             progress.update(step=progress["step"] + 1, epoch=epoch, batch=next_batch,
                             tokens=progress["tokens"] + tokens,
@@ -284,7 +296,7 @@ def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedS
     if problem is not None:
         print(f"step: eager, not CUDA graphs ({problem})")
         return None
-    print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed)")
+    print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed; one in all for packed rows)")
     return GraphedStep(model, params, fast)
 
 
@@ -294,17 +306,18 @@ def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tupl
     Each micro-batch's summed loss is divided by the target-token count of the WHOLE step, so the
     gradient is that of the mean over all the step's answer tokens: micro-batch 1 x accumulation 4
     gives the same update as micro-batch 4 x accumulation 1, however many tokens each example has.
-    With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient.
+    With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient. A packed
+    micro-batch (data.PackedRows) also carries its document ids and positions, passed on as they are.
     """
     # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
-    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro_batches)
+    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, *_ in micro_batches)
     assert step_tokens > 0, "a step without a single target token: every answer was masked"
     loss_sum = 0.0
-    for input_ids, labels in micro_batches:  # (batch, seq) each
+    for input_ids, labels, *packed in micro_batches:  # (batch, seq) each; packed: (doc_ids, positions) or ()
         if graphed is not None:
-            total = graphed.step(input_ids, labels, 1.0 / step_tokens)
+            total = graphed.step(input_ids, labels, 1.0 / step_tokens, *packed)
         else:
-            total, _ = model.loss(input_ids, labels, reduction="sum")
+            total, _ = model.loss(input_ids, labels, "sum", *packed)
             (total / step_tokens).backward()
         loss_sum = loss_sum + total.detach().float()  # stays on the device: no sync per micro-batch
     return loss_sum / step_tokens, step_tokens
@@ -324,12 +337,23 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 
     An epoch's batches depend only on (seed, epoch), so a resumed run rebuilds them and skips those
     done. The last step of an epoch takes what is left (fewer micro-batches); steps never span epochs.
+    With packing, a step takes the same examples, packed first-fit decreasing into rows of
+    --max-seq-len (data.pack), one row a micro-batch; the packing is a pure function of those examples,
+    so the data position (epoch, batch) still says all a resumed run needs, and --micro-batch-size
+    counts examples, of which micro-batch-size x grad-accum make a step, as without packing.
     """
     for e in range(epoch, config.epochs):
-        batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
+        if not config.packing:
+            batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
+        else:
+            batches = batch_order([len(ids) for ids, *_ in train_set], config.micro_batch_size, config.seed, e)
         for first in range(batch if e == epoch else 0, len(batches), config.grad_accum):
             chunk = batches[first:first + config.grad_accum]
-            yield e, first + len(chunk), chunk
+            if config.packing:
+                yield e, first + len(chunk), pack_rows([train_set[i] for group in chunk for i in group],
+                                                       config.max_seq_len, pad_id)
+            else:
+                yield e, first + len(chunk), chunk
 
 
 # ----------------------------------------------------------------------------- evaluation and logging
@@ -337,7 +361,8 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
                      metrics_path: Path) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
     metrics = evaluate(model, tokenizer, val_set, batch_size=config.eval_batch_size,
-                       threshold=config.threshold, max_len=config.max_seq_len)
+                       threshold=config.threshold, max_len=config.max_seq_len,
+                       pack_len=config.max_seq_len if config.packing else None)
     name = "base" if step == 0 and base is None else f"step {step}"
     columns = {name: metrics}
     if base is not None:
@@ -552,7 +577,7 @@ def check(config: TrainConfig):
     problems = []
     for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
                  "log_every", "max_bad_steps", "n_examples"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",
                  "keep_last"):
