@@ -6,8 +6,9 @@
 
 One optimizer step is --grad-accum micro-batches of --micro-batch-size examples; its loss is the mean
 over every answer token of the step, however the step is split. With --packing (the default) the
-step's examples are laid end to end in rows of --max-seq-len tokens, each row one forward/backward. Checkpoints are safetensors + JSON
-in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupted run exactly.
+step's examples are laid end to end in rows of --max-seq-len tokens, each row one forward/backward.
+Checkpoints are safetensors + JSON in <output-dir>/checkpoint-<step>/; resuming from one reproduces
+the uninterrupted run exactly.
 """
 from __future__ import annotations
 
