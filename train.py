@@ -5,8 +5,10 @@
     python train.py --resume auto                 # continue from the newest checkpoint in --output-dir
 
 One optimizer step is --grad-accum micro-batches of --micro-batch-size examples; its loss is the mean
-over every answer token of the step, however the step is split. Checkpoints are safetensors + JSON
-in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupted run exactly.
+over every answer token of the step, however the step is split. With --packing (the default) the
+step's examples are laid end to end in rows of --max-seq-len tokens, each row one forward/backward.
+Checkpoints are safetensors + JSON in <output-dir>/checkpoint-<step>/; resuming from one reproduces
+the uninterrupted run exactly.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ DEFAULT_DATA = "walledai/JailbreakHub"
 # data.MAX_LEN, written out so that the command line needs no import of data/ (and torch): --help
 # answers at once. tests/test_train.py checks that the two agree.
 MAX_SEQ_LEN = 4096
+# The tiny model's default --max-seq-len: on the CPU, eager attention forms each packed row's whole
+# (row x row) score matrix, so its rows stay short (its examples are ~250 tokens).
+TINY_SEQ_LEN = 512
 
 
 def option(default, help: str, type=None):
@@ -68,7 +73,12 @@ class TrainConfig:
     epochs: int = option(3, "passes over the training split")
     micro_batch_size: int = option(2, "examples per forward/backward pass")
     grad_accum: int = option(4, "micro-batches per optimizer step")
-    max_seq_len: int = option(MAX_SEQ_LEN, "longest example in tokens; longer prompts are cut in the middle")
+    max_seq_len: int | None = option(None, f"longest example in tokens, and the length of a packed row; longer "
+                                     f"prompts are cut in the middle. Default {MAX_SEQ_LEN}, {TINY_SEQ_LEN} with "
+                                     "--model tiny", type=int)
+    packing: bool = option(True, "lay each step's examples end to end in rows of --max-seq-len tokens, each "
+                           "document attending only to itself (exact): few, full rows of one shape, one CUDA "
+                           "graph. Without: micro-batches of --micro-batch-size right-padded examples")
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
@@ -85,7 +95,8 @@ class TrainConfig:
     max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
     # evaluation, logging, checkpoints
     eval_every: int = option(0, "evaluate on val.jsonl every N steps (0: only at the end)")
-    eval_batch_size: int = option(8, "prompts per forward pass in evaluation")
+    eval_batch_size: int = option(8, "prompts per forward pass in evaluation; with --packing, packed rows of "
+                                  "--max-seq-len")
     eval_base: bool = option(False, "evaluate the base model before training, as a column of the eval table")
     threshold: float = option(0.5, "P(jailbreak) at or above which a prompt counts as a jailbreak")
     log_every: int = option(1, "write a metrics.jsonl line every N steps")
@@ -99,7 +110,7 @@ class TrainConfig:
 # (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "cuda_graphs", "kernels"}
+                  "embedding_on_cpu", "cuda_graphs", "kernels", "packing"}  # packing: the same steps
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
           "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
@@ -136,8 +147,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import (encode_split, load_tokenizer, make_batches, prepare, read_split, shortest_max_len,  # noqa: E402
-                  special_id, tiny_tokenizer, write_synthetic)
+from data import (batch_order, encode_split, load_tokenizer, make_batches, pack_rows, prepare,  # noqa: E402
+                  read_split, shortest_max_len, special_id, tiny_tokenizer, write_synthetic)
 from eval import evaluate, format_table  # noqa: E402
 from eval.report import change  # noqa: E402
 from lora import inject, load_adapter, lora_parameters, save_adapter  # noqa: E402
@@ -168,8 +179,10 @@ def main(argv=None) -> int:
 def train(config: TrainConfig) -> int:
     """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
     started = time.monotonic()  # metrics.jsonl's "elapsed" counts from here
-    check(config)
     tiny = config.model == "tiny"
+    if config.max_seq_len is None:
+        config.max_seq_len = TINY_SEQ_LEN if tiny else MAX_SEQ_LEN
+    check(config)
     if config.data is None:
         config.data = "synthetic" if tiny else DEFAULT_DATA
     if config.alpha is None:
@@ -259,7 +272,7 @@ def train(config: TrainConfig) -> int:
                 progress["skipped_steps"] += 1
                 progress["bad_in_a_row"] += 1
             optimizer.zero_grad(set_to_none=True)
-            tokens = sum(int((ids != pad_id).sum()) for ids, _ in micro_batches)
+            tokens = sum(int((ids != pad_id).sum()) for ids, *_ in micro_batches)
             seconds = time.perf_counter() - start
             progress.update(step=progress["step"] + 1, epoch=epoch, batch=next_batch,
                             tokens=progress["tokens"] + tokens,
@@ -343,7 +356,8 @@ def fit_memory(config: TrainConfig, device, resume_from):
         trainable = count_trainable(model_config, targets=config.targets, rank=config.rank)
         graphs = config.cuda_graphs != "off" and config.dropout == 0
         config.embedding_on_cpu, config.optim, lines = plan(
-            model_config, trainable, config.micro_batch_size * config.max_seq_len, graphs, usable_gib(device),
+            model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
+            graphs, usable_gib(device),
             config.embedding_on_cpu, config.optim)
     print("\n".join(lines))
 
@@ -360,7 +374,8 @@ def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths, max_graphs:
         print(f"step: eager, not CUDA graphs ({problem})")
         return None
     kept = f"; at most {max_graphs} kept at once on this card" if max_graphs else ""
-    print(f"step: CUDA graphs (one captured per padded micro-batch shape, then replayed{kept})")
+    print(f"step: CUDA graphs (one captured per padded micro-batch shape, then replayed; one in all for "
+          f"packed rows{kept})")
     return GraphedStep(model, params, fast, max_graphs)
 
 
@@ -370,17 +385,18 @@ def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tupl
     Each micro-batch's summed loss is divided by the target-token count of the WHOLE step, so the
     gradient is that of the mean over all the step's answer tokens: micro-batch 1 x accumulation 4
     gives the same update as micro-batch 4 x accumulation 1, however many tokens each example has.
-    With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient.
+    With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient. A packed
+    micro-batch (data.PackedRows) also carries its document ids and positions, passed on as they are.
     """
     # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
-    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in micro_batches)
+    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, *_ in micro_batches)
     assert step_tokens > 0, "a step without a single target token: every answer was masked"
     loss_sum = 0.0
-    for input_ids, labels in micro_batches:  # (batch, seq) each
+    for input_ids, labels, *packed in micro_batches:  # (batch, seq) each; packed: (doc_ids, positions) or ()
         if graphed is not None:
-            total = graphed.step(input_ids, labels, 1.0 / step_tokens)
+            total = graphed.step(input_ids, labels, 1.0 / step_tokens, *packed)
         else:
-            total, _ = model.loss(input_ids, labels, reduction="sum")
+            total, _ = model.loss(input_ids, labels, "sum", *packed)
             (total / step_tokens).backward()
         loss_sum = loss_sum + total.detach().float()  # stays on the device: no sync per micro-batch
     return loss_sum / step_tokens, step_tokens
@@ -400,12 +416,23 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 
     An epoch's batches depend only on (seed, epoch), so a resumed run rebuilds them and skips those
     done. The last step of an epoch takes what is left (fewer micro-batches); steps never span epochs.
+    With packing, a step takes the same examples, packed first-fit decreasing into rows of
+    --max-seq-len (data.pack), one row a micro-batch; the packing is a pure function of those examples,
+    so the data position (epoch, batch) still says all a resumed run needs, and --micro-batch-size
+    counts examples, of which micro-batch-size x grad-accum make a step, as without packing.
     """
     for e in range(epoch, config.epochs):
-        batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
+        if not config.packing:
+            batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
+        else:
+            batches = batch_order([len(ids) for ids, *_ in train_set], config.micro_batch_size, config.seed, e)
         for first in range(batch if e == epoch else 0, len(batches), config.grad_accum):
             chunk = batches[first:first + config.grad_accum]
-            yield e, first + len(chunk), chunk
+            if config.packing:
+                yield e, first + len(chunk), pack_rows([train_set[i] for group in chunk for i in group],
+                                                       config.max_seq_len, pad_id)
+            else:
+                yield e, first + len(chunk), chunk
 
 
 # ----------------------------------------------------------------------------- evaluation and logging
@@ -413,7 +440,8 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
                      metrics_path: Path, started: float) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
     metrics = evaluate(model, tokenizer, val_set, batch_size=config.eval_batch_size,
-                       threshold=config.threshold, max_len=config.max_seq_len, progress=True)
+                       threshold=config.threshold, max_len=config.max_seq_len, progress=True,
+                       pack_len=config.max_seq_len if config.packing else None)
     name = "base" if step == 0 and base is None else f"step {step}"
     columns = {name: metrics}
     if base is not None:
@@ -636,7 +664,7 @@ def check(config: TrainConfig):
         raise UsageError("; ".join(problems))
     for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
                  "log_every", "max_bad_steps", "n_examples"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",
                  "keep_last"):

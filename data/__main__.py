@@ -2,6 +2,7 @@
 
 import argparse
 
+from data.batches import padding_share
 from data.harmony import MAX_LEN, encode_split
 from data.prepare import prepare, read_split
 from data.tokenizer import load_tokenizer
@@ -21,7 +22,13 @@ def main() -> None:
     parser.add_argument("--split", default="train", help="split of a hub data set")
     parser.add_argument("--tokenizer", default=None,
                         help="optional: model folder, hub id or 'tiny', to report token lengths and cuts")
-    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="with --tokenizer: the length to report cuts for")
+    parser.add_argument("--max-len", type=int, default=MAX_LEN,
+                        help="with --tokenizer: the length to report cuts for, and train.py's packed row length")
+    parser.add_argument("--micro-batch-size", type=int, default=2,
+                        help="with --tokenizer: report the padding of train.py's micro-batches of this many examples")
+    parser.add_argument("--grad-accum", type=int, default=4,
+                        help="with --tokenizer: and of its packed rows, each step's micro-batch-size x grad-accum "
+                             "examples packed")
     args = parser.parse_args()
     print(vars(args))
     try:
@@ -36,6 +43,10 @@ def main() -> None:
             lengths = sorted(len(ids) for ids, _ in encoded)
             print(f"{name}: {len(encoded)} examples, tokens median {lengths[len(lengths) // 2]}, "
                   f"longest {lengths[-1]}; {n_cut} cut in the middle to max_len={args.max_len}")
+            padded, packed = padding_share(lengths, args.micro_batch_size, args.grad_accum, args.max_len, args.seed)
+            print(f"{name}: padding {padded:.1%} of the tokens in right-padded micro-batches of "
+                  f"{args.micro_batch_size}, {packed:.1%} in packed rows of {args.max_len} (train.py --packing, "
+                  f"{args.micro_batch_size} x {args.grad_accum} examples a step)")
 
 
 if __name__ == "__main__":

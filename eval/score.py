@@ -3,6 +3,8 @@
 Both read the model's next-token logits at each row's last real position. Rows are RIGHT-padded
 and the model is causal with no attention mask, so that position sees only its own prompt: a
 score depends on the prompt alone, never on the padding or on the other rows of the batch.
+Scoring may also pack prompts end to end into rows (as training packs examples), each attending
+only to itself, and read each prompt's last position: the same scores, in far fewer forwards.
 """
 
 import contextlib
@@ -10,7 +12,9 @@ import contextlib
 import torch
 from tqdm import tqdm
 
-from data import LABELS, MAX_LEN, encode_text, label_token_ids, render_prompt, render_prompts, special_id
+from data import (LABELS, MAX_LEN, encode_text, label_token_ids, pack, packed_rows, render_prompt, render_prompts,
+                  special_id)
+from model.loss import IGNORE
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -48,6 +52,36 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
     return model.lm_head(h_last).float()                                 # (batch, vocab)
 
 
+def packed_last_token_logits(model, prompts: list[list[int]], pad_id: int, row_len: int,
+                             rows_per_forward: int = 8) -> torch.Tensor:
+    """`last_token_logits` of every prompt, (prompts, vocab), the prompts packed into rows of row_len.
+
+    data.pack places the prompts (first-fit decreasing); each forward takes rows_per_forward rows
+    and reads each document's last position. A prompt longer than row_len gets a row as long as it.
+    """
+    row_len = max([row_len, *map(len, prompts)])
+    rows = pack([(ids,) for ids in prompts], row_len)
+    logits = [None] * len(prompts)
+    for start in range(0, len(rows), rows_per_forward):
+        group = rows[start:start + rows_per_forward]
+        packed = [packed_rows([(prompts[i], [IGNORE] * len(prompts[i])) for i in row], row_len, pad_id)
+                  for row in group]
+        ids, doc_ids, positions = (torch.cat(t) for t in zip(*((p.input_ids, p.doc_ids, p.positions)
+                                                                for p in packed)))   # (rows, row_len)
+        h = model.hidden_states(ids, doc_ids, positions)                 # (rows, row_len, hidden)
+        at, ends = [], []
+        for r, row in enumerate(group):
+            end = 0
+            for i in row:
+                end += len(prompts[i])
+                at.append(i)
+                ends.append((r, end - 1))                               # the prompt's last position
+        r_index, t_index = (torch.tensor(x, device=h.device) for x in zip(*ends))
+        for i, row_logits in zip(at, model.lm_head(h[r_index, t_index]).float()):
+            logits[i] = row_logits
+    return torch.stack(logits)                                          # (prompts, vocab)
+
+
 def score_examples(model, tokenizer, prompts: list[str], batch_size: int = 8,
                    max_len: int | None = MAX_LEN, progress: bool = False,
                    return_raw: bool = False):
@@ -71,15 +105,28 @@ def classify(model, tokenizer, prompts: list[str], threshold: float = 0.5, batch
 
 
 def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int = 8, progress: bool = False,
-                   return_raw: bool = False):
-    """`score_examples` of prompts already rendered (`data.render_prompts`)."""
+                   return_raw: bool = False, pack_len: int | None = None):
+    """`score_examples` of prompts already rendered (`data.render_prompts`).
+
+    With pack_len, the prompts are packed into rows of pack_len tokens, batch_size rows a forward
+    (`packed_last_token_logits`); the scores are those of the padded batches, up to rounding.
+    """
     benign_id, jailbreak_id = label_token_ids(tokenizer)
     pad_id = special_id(tokenizer, "<|endoftext|>")
     scores, raw = [0.0] * len(encoded), [(0.0, 0.0)] * len(encoded)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    # packed: one pass over all the prompts (rows of many prompts each); padded: batches of similar length
+    if pack_len is None:
+        batches = _batches([len(ids) for ids in encoded], batch_size)
+    else:
+        batches = [list(range(len(encoded)))] if encoded else []
     with inference_mode(model), tqdm(total=len(encoded), desc="scoring", unit="prompt",
                                      disable=not progress) as bar:
-        for batch in _batches([len(ids) for ids in encoded], batch_size):
-            logits = last_token_logits(model, [encoded[i] for i in batch], pad_id)  # (batch, vocab)
+        for batch in batches:
+            prompts = [encoded[i] for i in batch]
+            logits = (last_token_logits(model, prompts, pad_id) if pack_len is None
+                      else packed_last_token_logits(model, prompts, pad_id, pack_len, batch_size))  # (batch, vocab)
             pair = logits[:, [benign_id, jailbreak_id]]                              # (batch, 2)
             p_jailbreak = pair.softmax(dim=-1)[:, 1].tolist()
             p_full = logits.softmax(dim=-1)[:, [benign_id, jailbreak_id]].tolist()

@@ -13,11 +13,13 @@ from .fast.flex import flex_attention_with_sinks
 from .rope import apply_rotary
 
 
-def eager_attention(q, k, v, sinks, window: int | None):
+def eager_attention(q, k, v, sinks, window: int | None, doc_ids=None):
     """q (batch, seq, heads, d), k and v (batch, seq, kv_heads, d), sinks (heads,) -> (batch, seq, heads, d).
 
     Query i sees keys j with j <= i and, on sliding layers, i - window < j (the last `window` tokens).
-    Each head's sink is one more logit in the softmax whose probability is thrown away.
+    With doc_ids (batch, seq), a packed row, it sees only keys of its own document as well.
+    Each head's sink is one more logit in the softmax whose probability is thrown away: every query
+    row has its own, packed or not.
     """
     b, t, h, d = q.shape
     group = h // k.shape[2]
@@ -29,6 +31,8 @@ def eager_attention(q, k, v, sinks, window: int | None):
     visible = i[:, None] >= i[None, :]
     if window is not None:
         visible &= i[:, None] - i[None, :] < window
+    if doc_ids is not None:                                     # (b, 1, t, t): same document only
+        visible = visible & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     scores = scores.masked_fill(~visible, float("-inf"))
     sink = sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, t, 1)
     logits = torch.cat([scores, sink], dim=-1)
@@ -50,12 +54,12 @@ class Attention(nn.Module):
         sliding = c.layer_types[layer_idx] == "sliding_attention"
         self.window = c.sliding_window if sliding else None
 
-    def forward(self, x, cos, sin, flex: bool = False, compiled: bool = False):
+    def forward(self, x, cos, sin, flex: bool = False, compiled: bool = False, doc_ids=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary(q, cos, sin, compiled=compiled), apply_rotary(k, cos, sin, compiled=compiled)
         attend = flex_attention_with_sinks if flex else eager_attention
-        out = attend(q, k, v, self.sinks, self.window)          # (b, t, heads, head_dim)
+        out = attend(q, k, v, self.sinks, self.window, doc_ids)  # (b, t, heads, head_dim)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))

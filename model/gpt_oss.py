@@ -45,9 +45,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, fast: gate.FastPaths, flex: bool):
+    def forward(self, x, cos, sin, fast: gate.FastPaths, flex: bool, doc_ids=None):
         c = fast.compiled
-        x = x + self.self_attn(self.input_layernorm(x, c), cos, sin, flex, c)
+        x = x + self.self_attn(self.input_layernorm(x, c), cos, sin, flex, c, doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x, c), fast)
 
 
@@ -120,50 +120,61 @@ class GptOss(nn.Module):
         emb = self.model.embed_tokens
         return emb(input_ids.to(emb.weight.device)).to(self.model.norm.weight.device)
 
-    def decode(self, x):
-        """Embeddings (batch, seq, hidden) -> final-norm states, through every block."""
+    def decode(self, x, doc_ids=None, positions=None):
+        """Embeddings (batch, seq, hidden) -> final-norm states, through every block.
+
+        Packed rows (several documents end to end) pass doc_ids and positions, both (batch, seq) on
+        x's device: a token attends only to its own document, at its position within that document.
+        """
         fast = self.fast_paths or gate.decide(x.device)
         flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)
-        cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
+        cos, sin = self.rotary(x.shape[1], x.device, x.dtype)       # (seq, head_dim / 2)
+        if positions is not None:  # a gather from the kept table: no table built, so a graph may capture it
+            cos, sin = cos[positions], sin[positions]                # (batch, seq, head_dim / 2)
         # a capture forbids reading the RNG state; graphs run without dropout, so a block draws nothing random
         keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         for block in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, fast, flex, use_reentrant=False, preserve_rng_state=keep_rng,
-                               context_fn=mark_recomputation)
+                x = checkpoint(block, x, cos, sin, fast, flex, doc_ids, use_reentrant=False,
+                               preserve_rng_state=keep_rng, context_fn=mark_recomputation)
             else:
-                x = block(x, cos, sin, fast, flex)
+                x = block(x, cos, sin, fast, flex, doc_ids)
         return self.model.norm(x, fast.compiled)
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, doc_ids=None, positions=None):
         """input_ids (batch, seq) -> final-norm states (batch, seq, hidden).
 
-        No attention mask: batches are right-padded, so under the causal mask no real token sees
-        padding or another example.
+        No attention mask for right-padded rows: under the causal mask no real token sees padding or
+        another example. Packed rows pass doc_ids and positions (batch, seq): see `decode`.
         """
-        return self.decode(self.embed(input_ids))
+        return self.decode(self.embed(input_ids), *self._on_device(doc_ids, positions))
 
-    def forward(self, input_ids):
+    def _on_device(self, *tensors):
+        device = self.model.norm.weight.device
+        return [None if t is None else t.to(device, non_blocking=True) for t in tensors]
+
+    def forward(self, input_ids, doc_ids=None, positions=None):
         """Logits (batch, seq, vocab). For training use `loss`, which never forms them all."""
-        return self.lm_head(self.hidden_states(input_ids))
+        return self.lm_head(self.hidden_states(input_ids, doc_ids, positions))
 
-    def loss(self, input_ids, labels, reduction: str = "mean"):
+    def loss(self, input_ids, labels, reduction: str = "mean", doc_ids=None, positions=None):
         """Next-token cross-entropy over positions whose label is not -100 (labels not shifted).
 
         reduction "mean" gives the mean; "sum" gives (summed loss, number of target tokens), so that
         a step can normalise over all its micro-batches.
         """
-        total, count = chunked_cross_entropy(self.lm_head, self.hidden_states(input_ids), labels)
+        hidden = self.hidden_states(input_ids, doc_ids, positions)
+        total, count = chunked_cross_entropy(self.lm_head, hidden, labels)
         if reduction == "sum":
             return total, count
         if reduction != "mean":
             raise ValueError(f"reduction must be mean or sum, not {reduction!r}")
         return total / count.clamp(min=1).to(total.device)
 
-    def loss_rows(self, input_ids, rows, targets):
+    def loss_rows(self, input_ids, rows, targets, doc_ids=None, positions=None):
         """Summed loss at given rows (`model.loss.target_rows`), rows and targets on the GPU."""
-        return self.decoded_loss(self.embed(input_ids), rows, targets)
+        return self.decoded_loss(self.embed(input_ids), rows, targets, *self._on_device(doc_ids, positions))
 
-    def decoded_loss(self, x, rows, targets):
+    def decoded_loss(self, x, rows, targets, doc_ids=None, positions=None):
         """`loss_rows` from the embeddings x: all on the GPU, no host sync, what a CUDA graph captures."""
-        return cross_entropy_rows(self.lm_head, self.decode(x), rows, targets)
+        return cross_entropy_rows(self.lm_head, self.decode(x, doc_ids, positions), rows, targets)

@@ -49,7 +49,11 @@ def rotary_cos_sin(config: GptOssConfig, positions: torch.Tensor, dtype: torch.d
 
 @compilable
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, seq, heads, head_dim): first and second halves of the head form the pairs."""
+    """Rotate (batch, seq, heads, head_dim): first and second halves of the head form the pairs.
+
+    cos and sin are (seq, head_dim/2), or (batch, seq, head_dim/2) for packed rows, whose positions
+    restart at 0 with each document.
+    """
     a, b = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (seq, 1, head_dim/2) broadcasts over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., seq, 1, head_dim/2) broadcasts over heads
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)

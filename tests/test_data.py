@@ -275,6 +275,8 @@ def test_cli_prepares_and_reports(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "train: 8 jailbreak + 8 benign" in out and "val:   2 jailbreak + 2 benign" in out
     assert "0 cut in the middle to max_len=250" in out
+    assert "train: padding " in out and "% of the tokens in right-padded micro-batches of 2, " in out
+    assert "% in packed rows of 250 (train.py --packing, 2 x 4 examples a step)" in out
     assert len(read_split(tmp_path / "out" / "train.jsonl")) == 16
 
 
@@ -432,3 +434,43 @@ def test_unshuffled_batches_follow_length(tok):
     widths = [ids.shape[1] for ids, _ in batches]
     assert widths == sorted(widths)
     assert widths[-1] == max(len(ids) for ids, _ in encoded)
+
+
+def test_packing_is_first_fit_decreasing_whole_and_deterministic(tok):
+    from data import pack, packed_rows
+    examples = encoded_examples(tok)                                      # 37 examples, lengths vary
+    lengths = [len(ids) for ids, _ in examples]
+    row_len = 2 * max(lengths) + 3
+    rows = pack(examples, row_len)
+    assert sorted(i for row in rows for i in row) == list(range(37))      # each example once, whole
+    assert all(sum(lengths[i] for i in row) <= row_len for row in rows)
+    assert len(rows) < 37 and pack(examples, row_len) == rows
+    # first fit: a row is opened only by an example that fits no earlier row (whose room only shrinks)
+    for r, row in enumerate(rows):
+        room = row_len - sum(lengths[i] for i in row)
+        assert all(lengths[later[0]] > room for later in rows[r + 1:])
+    assert rows[0][0] == lengths.index(max(lengths))                      # decreasing: the longest first
+    with pytest.raises(ValueError, match="does not fit a packed row of 10"):
+        pack(examples, 10)
+
+    pad_id = special(tok, "<|endoftext|>")
+    packed = packed_rows([examples[i] for i in rows[0]], row_len, pad_id)
+    at = 0
+    for doc, i in enumerate(rows[0]):
+        ids, labels = examples[i]
+        n = len(ids)
+        assert packed.input_ids[0, at:at + n].tolist() == ids and packed.labels[0, at:at + n].tolist() == labels
+        assert packed.doc_ids[0, at:at + n].eq(doc).all() and packed.positions[0, at:at + n].tolist() == list(range(n))
+        at += n
+    assert packed.input_ids[0, at:].eq(pad_id).all() and packed.labels[0, at:].eq(-100).all()
+    assert packed.doc_ids[0, at:].eq(len(rows[0])).all()                  # the padding: a document of its own
+
+
+def test_padding_share_of_both_layouts():
+    from data import padding_share
+    padded, packed = padding_share([100] * 8, batch_size=2, grad_accum=4, row_len=400)
+    assert padded == 0 and packed == 0                                    # 8 x 100 fill two rows exactly
+    padded, packed = padding_share([100, 300], batch_size=2, grad_accum=1, row_len=400)
+    assert padded == pytest.approx(1 - 400 / 600) and packed == 0         # 100 padded to 300; one full row
+    padded, packed = padding_share([300, 300], batch_size=2, grad_accum=1, row_len=400)
+    assert padded == 0 and packed == pytest.approx(1 - 600 / 800)         # two rows of 400, a fourth empty each

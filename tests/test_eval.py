@@ -158,6 +158,22 @@ def test_a_score_depends_only_on_its_prompt_not_on_the_batch(tiny_model, tok):
             assert scores[batch.index("hi")] == pytest.approx(alone, abs=1e-5)
 
 
+def test_packed_scoring_equals_the_padded_scores(tiny_model, tok):
+    """Prompts packed into rows (each attending only to itself) score as they do right-padded."""
+    from data import render_prompts
+    from eval.score import score_rendered
+    prompts = PROMPTS + ["hi", PROMPTS[2] * 2]
+    encoded, _ = render_prompts(tok, prompts, None)
+    row_len = 2 * max(len(ids) for ids in encoded)                       # two to three prompts a row
+    padded, padded_raw = score_rendered(tiny_model, tok, encoded, batch_size=3, return_raw=True)
+    for rows_per_forward in (1, 2):
+        packed, packed_raw = score_rendered(tiny_model, tok, encoded, batch_size=rows_per_forward,
+                                            return_raw=True, pack_len=row_len)
+        assert packed == pytest.approx(padded, abs=1e-5)
+        assert [p for pair in packed_raw for p in pair] == pytest.approx([p for pair in padded_raw for p in pair],
+                                                                         abs=1e-6)
+
+
 def test_scores_come_back_in_the_order_of_the_prompts(tiny_model, tok):
     forward = score_examples(tiny_model, tok, PROMPTS, batch_size=2)
     backward = score_examples(tiny_model, tok, PROMPTS[::-1], batch_size=2)

@@ -250,3 +250,119 @@ def test_graph_problem_names_what_rules_graphs_out(tiny_config):
 
     model.requires_grad_(False)
     assert graph_problem(model, fast) == "the model has no trainable parameters"
+
+
+# --- packed rows: several documents end to end, each attending only to itself ----------------------
+
+def packed_row(docs, row_len):
+    from data import packed_rows
+    return packed_rows([(d, [-100] + d[1:]) for d in docs], row_len, pad_id=0)
+
+
+def random_docs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_a_packed_row_gives_each_document_the_logits_it_has_alone(tiny_model):
+    docs = random_docs((13, 30, 5, 21))                     # 30 > the window of 8: sliding layers matter
+    row = packed_row(docs, 80)                              # 11 pad tokens at the end
+    assert row.doc_ids[0].tolist() == [0] * 13 + [1] * 30 + [2] * 5 + [3] * 21 + [4] * 11
+    assert row.positions[0, 13:16].tolist() == [0, 1, 2]    # positions restart per document
+    with torch.no_grad():
+        packed = tiny_model(row.input_ids, row.doc_ids, row.positions)[0]
+        at = 0
+        for d in docs:
+            alone = tiny_model(torch.tensor([d]))[0]
+            assert (packed[at:at + len(d)] - alone).abs().max() < 1e-5
+            at += len(d)
+
+
+def test_a_document_never_sees_another(tiny_model):
+    docs = random_docs((13, 30, 5, 21))
+    row = packed_row(docs, 72)
+    changed = row.input_ids.clone()
+    changed[0, 43:48] = torch.tensor(random_docs((5,), seed=1)[0])   # document 2's tokens
+    with torch.no_grad():
+        a = tiny_model(row.input_ids, row.doc_ids, row.positions)[0]
+        b = tiny_model(changed, row.doc_ids, row.positions)[0]
+    assert not torch.equal(a[43:48], b[43:48])
+    assert torch.equal(a[:43], b[:43])                        # the documents before: bit for bit
+    # after: the experts' grouped products hold these tokens' rows at other offsets (the changed
+    # tokens route elsewhere), where a product rounds differently; attention alone is bit for bit
+    assert (a[48:] - b[48:]).abs().max() < 1e-5
+    q, k, v = torch.randn(1, 72, 4, 16), torch.randn(1, 72, 2, 16), torch.randn(1, 72, 2, 16)
+    sinks = torch.randn(4)
+    for window in (None, 8):
+        ref = eager_attention(q, k, v, sinks, window, row.doc_ids)
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for x in (q2, k2, v2):
+            x[:, 43:48] = torch.randn(1, 5, *x.shape[2:])
+        out = eager_attention(q2, k2, v2, sinks, window, row.doc_ids)
+        assert torch.equal(ref[:, :43], out[:, :43]) and torch.equal(ref[:, 48:], out[:, 48:])
+        assert not torch.equal(ref[:, 43:48], out[:, 43:48]) and out.isfinite().all()
+
+
+def test_packed_gradients_equal_the_sum_over_the_examples_alone_sinks_included(tiny_model):
+    inject(tiny_model, rank=4, alpha=8, verbose=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in lora_parameters(tiny_model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sinks = [b.self_attn.sinks for b in tiny_model.model.layers]
+    for s in sinks:
+        s.requires_grad_(True)                                # train the sinks too: their gradient must flow
+    params = [p for _, p in lora_parameters(tiny_model)] + sinks
+    docs = random_docs((17, 9, 26))
+    examples = [(d, [-100] * (len(d) - 4) + d[-4:]) for d in docs]   # the last 4 tokens are targets
+    from data import packed_rows
+    row = packed_rows(examples, 60, pad_id=0)
+    total, count = tiny_model.loss(row.input_ids, row.labels, "sum", row.doc_ids, row.positions)
+    packed = torch.autograd.grad(total, params)
+    alone_total, alone = 0.0, [torch.zeros_like(p) for p in params]
+    for ids, labels in examples:
+        t, _ = tiny_model.loss(torch.tensor([ids]), torch.tensor([labels]), "sum")
+        alone_total = alone_total + t.detach()
+        for acc, gr in zip(alone, torch.autograd.grad(t, params)):
+            acc += gr
+    assert count.item() == 3 * 4                              # 4 targets each, none across documents
+    torch.testing.assert_close(total.detach(), alone_total, rtol=1e-6, atol=1e-5)
+    for a, b in zip(packed, alone):
+        assert (a - b).abs().max() < 1e-5
+    assert all(s.abs().sum() > 0 for s in packed[-len(sinks):])   # every layer's sinks learn
+
+
+def test_packed_step_inputs_for_a_graph_change_neither_loss_nor_gradients(tiny_model):
+    row = packed_row(random_docs((13, 20)), 37)
+    labels = row.input_ids.clone()
+    labels[row.positions < 5] = -100                          # each document's first 5 are not trained
+    labels[row.doc_ids == 2] = -100
+    ids, rows, targets, doc_ids, positions = padded_step_inputs(row.input_ids, labels, pad_id=0, multiple=16,
+                                                                doc_ids=row.doc_ids, positions=row.positions)
+    assert ids.shape == doc_ids.shape == positions.shape == (1, 48) and doc_ids[0, 37:].eq(3).all()
+    total, _ = tiny_model.loss(row.input_ids, labels, "sum", row.doc_ids, row.positions)
+    padded = tiny_model.loss_rows(ids, rows, targets, doc_ids, positions)
+    torch.testing.assert_close(padded, total, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("lengths", [(300, 200, 12, 500), (128, 128, 256, 1, 511), (1024,), (5, 1019)])
+def test_document_block_mask_equals_flex_from_the_dense_mask(lengths):
+    """The block mask of packed rows, built from per-block first and last document ids, is exactly
+    the one flex works out from the same mask_mod over every (query, key) pair."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from model.fast.flex import _document_mask_mod, document_block_mask
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    doc_ids = torch.stack([doc_ids, doc_ids.flip(0).neg() + len(lengths)])   # a second row, other boundaries
+    doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(2, -doc_ids.shape[1] % 128)], dim=1)
+    t = doc_ids.shape[1]
+    for window in (128, None, 200, 8):
+        ours = document_block_mask(doc_ids, window)
+        ref = create_block_mask(_document_mask_mod(doc_ids, window), 2, None, t, t, device="cpu")
+        for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+            assert torch.equal(a, b), (lengths, window)
+        for num, a, b in ((ours.kv_num_blocks, ours.kv_indices, ref.kv_indices),
+                          (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices)):
+            for row in range(2):
+                for q in range(num.shape[-1]):
+                    n = int(num[row, 0, q])
+                    assert sorted(a[row, 0, q, :n].tolist()) == sorted(b[row, 0, q, :n].tolist())

@@ -58,18 +58,23 @@ def graph_problem(model: nn.Module, fast: FastPaths) -> str | None:
     return None
 
 
-def padded_step_inputs(input_ids, labels, pad_id: int, multiple: int = MULTIPLE):
+def padded_step_inputs(input_ids, labels, pad_id: int, multiple: int = MULTIPLE, doc_ids=None, positions=None):
     """(input_ids, rows, targets) of a micro-batch, padded: tokens to a multiple of `multiple`, rows too.
 
     Exact: the model is causal, so pad tokens appended after a row change no real position; padded
     rows (row 0, target -100) add nothing to the loss. Padding makes one graph serve every micro-batch
     of about the same length. Computed where the labels are (CPU labels: no GPU sync).
+    Packed rows also give (doc_ids, positions), padded too: the pad tokens are one more document.
     """
     extra = -input_ids.shape[1] % multiple
     input_ids = F.pad(input_ids, (0, extra), value=pad_id)     # (batch, padded seq)
     rows, targets = target_rows(F.pad(labels, (0, extra), value=IGNORE))
     n = multiple * max(1, -(-len(rows) // multiple))           # rows rounded up, never none
-    return input_ids, F.pad(rows, (0, n - len(rows))), F.pad(targets, (0, n - len(rows)), value=IGNORE)
+    out = (input_ids, F.pad(rows, (0, n - len(rows))), F.pad(targets, (0, n - len(rows)), value=IGNORE))
+    if doc_ids is None:
+        return out
+    doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(-1, extra)], dim=1)
+    return (*out, doc_ids, F.pad(positions, (0, extra)))
 
 
 class GraphedStep:
@@ -77,8 +82,11 @@ class GraphedStep:
 
     A graph replays fixed kernels on fixed memory. So the inputs are copied into static buffers (the
     embeddings, looked up outside the graph wherever the embedding lives, the target rows and their
-    tokens), and a graph is captured per key, the padded (batch, seq) shape and number of target
-    rows: a new key costs a capture (two warm-up runs and the recording), a known one a replay.
+    tokens; for packed rows also the document ids and positions, from which the graph itself builds
+    the attention block masks and gathers the rotary angles at each replay), and a graph is captured
+    per key, the padded (batch, seq) shape, the number of target rows and whether the rows are packed:
+    a new key costs a capture (two warm-up runs and the recording), a known one a replay. Packed rows
+    of one length and about as many targets are one key: one graph for the whole run.
     What a replay reads besides (rotary tables, attention block masks) is cached for good by the model. All graphs draw their temporaries from one memory pool,
     which is safe as they never run at the same time.
     The graph never touches `param.grad` (autograd could re-assign it instead of accumulating in
@@ -96,26 +104,31 @@ class GraphedStep:
         self.grads = [torch.zeros_like(p) for p in self.params]    # the graphs' gradient outputs
         self.pool = torch.cuda.graph_pool_handle()
         self.side = torch.cuda.Stream()                             # for the warm-up runs
-        self.graphs = {}  # key -> (graph, static embeddings, rows, targets, summed loss)
+        self.graphs = {}  # key -> (graph, static embeddings, rows, targets[, doc ids, positions], summed loss)
         self.captures = 0
         # Graphs hold their pool's memory for good; a card with little room keeps at most this many
         # and, at one more, drops them all with their pool (memory back to one graph's) and re-captures.
         self.max_graphs = max_graphs
 
-    def step(self, input_ids, labels, scale: float) -> torch.Tensor:
-        """Add scale x d(summed loss)/d(param) to each param.grad; return the summed loss (float32, on the GPU)."""
-        ids, rows, targets = padded_step_inputs(input_ids, labels, self.pad_id)
+    def step(self, input_ids, labels, scale: float, doc_ids=None, positions=None) -> torch.Tensor:
+        """Add scale x d(summed loss)/d(param) to each param.grad; return the summed loss (float32, on the GPU).
+
+        Packed rows pass their doc_ids and positions (batch, seq), as `GptOss.loss` takes them.
+        """
+        ids, rows, targets, *packed = padded_step_inputs(input_ids, labels, self.pad_id, doc_ids=doc_ids,
+                                                         positions=positions)
         with torch.no_grad():
             x = self.model.embed(ids)                               # (batch, seq, hidden) on the GPU
-        key = (tuple(ids.shape), len(rows))
+        inputs = (x, rows, targets, *packed)                        # what decoded_loss takes, in order
+        key = (tuple(ids.shape), len(rows), bool(packed))
         if key not in self.graphs and self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
             self.graphs.clear()
             self.pool = torch.cuda.graph_pool_handle()
             torch.cuda.empty_cache()
         if key not in self.graphs:
-            self.graphs[key] = self._capture(x, rows, targets)
+            self.graphs[key] = self._capture(inputs)
         graph, *static, total = self.graphs[key]
-        for buffer, value in zip(static, (x, rows, targets)):
+        for buffer, value in zip(static, inputs):
             # from pinned memory the copy is asynchronous; from pageable memory the driver may wait
             buffer.copy_(value.pin_memory() if value.device.type == "cpu" else value, non_blocking=True)
         graph.replay()
@@ -125,9 +138,9 @@ class GraphedStep:
         torch._foreach_add_([p.grad for p in self.params], self.grads, alpha=scale)
         return total.clone()
 
-    def _capture(self, x, rows, targets):
+    def _capture(self, inputs):
         device = self.grads[0].device
-        static = [t.to(device, copy=True) for t in (x, rows, targets)]   # filled with this micro-batch
+        static = [t.to(device, copy=True) for t in inputs]         # filled with this micro-batch
         # warm-up off the capture: compiles, autotunes and lazily initialised state happen here
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):

@@ -50,16 +50,68 @@ def _block_mask(t: int, window: int | None, device: str):
     from torch.nn.attention.flex_attention import BlockMask
 
     some, every = visible_blocks(t, window, device)
-    partial = some & ~every
+    (num, idx), (full_num, full_idx) = _listing(some & ~every), _listing(every)
+    return BlockMask.from_kv_blocks(num[None, None], idx[None, None], full_num[None, None], full_idx[None, None],
+                                    BLOCK_SIZE=BLOCK, mask_mod=_mask_mod(window), seq_lengths=(t, t))
 
-    def listing(m):  # per query block: how many key blocks, and their indices first
-        order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
-        return m.sum(1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
 
-    num, idx = listing(partial)
-    full_num, full_idx = listing(every)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                    mask_mod=_mask_mod(window), seq_lengths=(t, t))
+def _document_mask_mod(doc_ids, window: int | None):
+    """`_mask_mod(window)` within each document of doc_ids (batch, padded seq).
+
+    Built afresh per call from one code object: flex lifts the tensors a mask_mod closes over as
+    inputs (torch's BlockMask flattens its closure), so new doc ids need no new compile, and under a
+    CUDA graph doc_ids is memory of the graph's own, refilled by each replay.
+    """
+    causal = _mask_mod(window)
+
+    def visible(b, h, qi, ki):
+        return causal(b, h, qi, ki) & (doc_ids[b, qi] == doc_ids[b, ki])
+    return visible
+
+
+def document_blocks(doc_ids, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`visible_blocks` of packed rows: (batch, n, n) blocks with some, and with all, pairs visible.
+
+    doc_ids (batch, t), t a multiple of BLOCK, never decrease along a row (documents lie end to end),
+    so a block's documents run from its first token's to its last token's. From those alone, on the
+    device and without a (t, t) mask: a key block before the query block shares a document with it
+    iff its last document is the query block's first; the closest pair of that document is then
+    (the key block's last token, the query block's first), which the window must reach. A block is
+    all visible iff both blocks are one and the same document and the positions allow every pair.
+    """
+    b, t = doc_ids.shape
+    some, every = visible_blocks(t, window, doc_ids.device)              # (n, n): the positions alone
+    first, last = doc_ids[:, ::BLOCK], doc_ids[:, BLOCK - 1::BLOCK]      # (b, n) each
+    q_first, q_last = first[:, :, None], last[:, :, None]                # query blocks down
+    k_first, k_last = first[:, None, :], last[:, None, :]                # key blocks across
+    n = t // BLOCK
+    diagonal = torch.eye(n, dtype=torch.bool, device=doc_ids.device)
+    some = some & ((k_last == q_first) | diagonal)
+    every = every & (k_first == k_last) & (k_last == q_first) & (q_first == q_last)
+    return some, every
+
+
+def _listing(m):
+    """Per query block: how many key blocks, and their indices first (stable), as BlockMask takes them."""
+    order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+    return m.sum(-1).to(torch.int32), order.to(torch.int32)
+
+
+def document_block_mask(doc_ids, window: int | None):
+    """The BlockMask of packed rows, doc_ids (batch, t) with t a multiple of BLOCK: see `document_blocks`.
+
+    All on doc_ids' device with no host sync, so a CUDA graph may capture it (and recompute it from
+    the graph's doc ids at each replay).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    t = doc_ids.shape[1]
+    some, every = document_blocks(doc_ids, window)
+    num, idx = _listing(some & ~every)
+    full_num, full_idx = _listing(every)
+    return BlockMask.from_kv_blocks(num[:, None], idx[:, None], full_num[:, None], full_idx[:, None],
+                                    BLOCK_SIZE=BLOCK, mask_mod=_document_mask_mod(doc_ids, window),
+                                    seq_lengths=(t, t))
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,8 +125,8 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_attention_with_sinks(q, k, v, sinks, window: int | None):
-    """Same function as `eager_attention`, through flex attention (CUDA).
+def flex_attention_with_sinks(q, k, v, sinks, window: int | None, doc_ids=None):
+    """Same function as `eager_attention`, through flex attention (CUDA); doc_ids as it takes them.
 
     With L the row's log-sum-exp over the keys, adding a sink s gives softmax weights scaled by
     exp(L) / (exp(L) + exp(s)) = sigmoid(L - s), so the output is the sink-free output times that.
@@ -84,7 +136,11 @@ def flex_attention_with_sinks(q, k, v, sinks, window: int | None):
     # padded keys sit after every real query, so the causal mask already hides them.
     tp = -(-t // BLOCK) * BLOCK
     q, k, v = (F.pad(x, (0, 0, 0, 0, 0, tp - t)).transpose(1, 2) for x in (q, k, v))  # (b, heads, tp, d)
-    mask = _block_mask(tp, window, str(q.device))
+    if doc_ids is None:
+        mask = _block_mask(tp, window, str(q.device))
+    else:  # the padded keys and queries are one more document, after the row's last
+        doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(b, tp - t)], dim=1)   # (b, tp)
+        mask = document_block_mask(doc_ids, window)
     out, lse = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True, return_lse=True)
     scale = torch.sigmoid(lse - sinks.float().view(1, h, 1))   # (b, h, tp), float32
     return (out * scale.unsqueeze(-1).to(out.dtype)).transpose(1, 2)[:, :t]
