@@ -18,8 +18,12 @@ train = [r for r in rows if r["kind"] == "train"]
 if train:
     tok = sum(r["tokens"] for r in train)
     secs = sum(r["tokens"] / r["tokens_per_second"] for r in train)
-    print(f"SUMMARY steps {len(train)} tokens {tok} step-seconds {secs:.1f} tok/s {tok/secs:.0f} "
-          f"first-step-s {train[0]['tokens']/train[0]['tokens_per_second']:.1f} "
-          f"median-step-tok/s {statistics.median(r['tokens_per_second'] for r in train):.0f}")
+    examples = len(train) * 8       # the default 2 x 4 per step; 320 examples make 40 whole steps an epoch
+    first = train[0]
+    print(f"SUMMARY steps {len(train)} examples {examples} real-tokens {tok} train-seconds {secs:.1f} "
+          f"examples/s {examples/secs:.2f} real-tok/s {tok/secs:.0f} "
+          f"first-step-done-at-s {first.get('elapsed', float('nan')):.1f} (its step {first['tokens']/first['tokens_per_second']:.1f} s) "
+          f"median-step-tok/s {statistics.median(r['tokens_per_second'] for r in train):.0f} "
+          f"run-elapsed-s {rows[-1].get('elapsed', float('nan')):.1f}")
 PY
 tail -1 $OUT/$name.log
