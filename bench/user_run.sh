@@ -27,3 +27,4 @@ if train:
           f"run-elapsed-s {rows[-1].get('elapsed', float('nan')):.1f}")
 PY
 tail -1 $OUT/$name.log
+cat $dir/metrics.jsonl >> $OUT/$name.log 2>/dev/null
