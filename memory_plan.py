@@ -66,8 +66,9 @@ class Need:
         return self.model + self.adapter + self.optimizer + self.activations + self.embedding * embedding_on_gpu
 
 
-def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool) -> Need:
-    """The estimate for a GptOssConfig in NF4, `trainable` adapter parameters in float32."""
+def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool, fast=None) -> Need:
+    """The estimate for a GptOssConfig in NF4, `trainable` adapter parameters in float32, under the
+    gate's `fast` paths (None: every fast path)."""
     from model.gpt_oss import hub_shapes
     nf4, bf16 = 0, 0
     for name, shape in hub_shapes(config).items():
@@ -83,35 +84,43 @@ def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs
     # weights and their gradients in float32; the graph step keeps a second gradient buffer
     adapter = trainable * 4 * (3 if graphs else 2)
     per_token = ACTIVATION_BYTES_PER_TOKEN_20B * config.hidden_size / 2880
+    activations = per_token * tokens_per_micro_batch
+    if fast is not None and not fast.nf4_kernels:   # a layer's experts dequantised to bf16, both matrices
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        activations += e * h * 3 * i * 2
+    if fast is not None and not fast.flex_attention:   # eager attention's (heads, t, t) scores, ~5 copies
+        activations += config.num_attention_heads * tokens_per_micro_batch ** 2 * 10
     return Need(model=nf4 * NF4_BYTES_PER_WEIGHT + bf16 * 2, embedding=embedding, adapter=adapter,
-                optimizer=trainable * OPTIMIZER_BYTES[optim], activations=per_token * tokens_per_micro_batch)
+                optimizer=trainable * OPTIMIZER_BYTES[optim], activations=activations)
 
 
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
-         embedding_on_cpu: bool | None, optim: str) -> tuple[bool, str, list[str]]:
-    """(embedding on the CPU, optimizer, lines to print) that fit `usable` GiB; ValueError if nothing does.
+         embedding_on_cpu: bool | None, optim: str, fast=None) -> tuple[bool, str, bool, list[str]]:
+    """(embedding on the CPU, optimizer, CUDA graphs, lines to print) that fit `usable` GiB; ValueError
+    if nothing does.
 
-    None / "auto" leave the choice to the plan: the embedding stays on the GPU and AdamW keeps
-    float32 moments wherever they fit.
+    None / "auto" leave the choice to the plan. Given up only where the run does not fit otherwise, in
+    this order: the embedding on the GPU (costs nothing), CUDA graphs (speed), AdamW's float32 moments
+    (bitsandbytes' 8-bit AdamW changes the update a little).
     """
     fits = usable * GIB * HEADROOM
-    embeddings = [embedding_on_cpu] if embedding_on_cpu is not None else [False, True]
-    optims = [optim] if optim != "auto" else ["adamw", "adamw8bit"]
+    choices = [(opt, on_cpu, g)
+               for opt in ([optim] if optim != "auto" else ["adamw", "adamw8bit"])
+               for g in ([True, False] if graphs else [False])
+               for on_cpu in ([embedding_on_cpu] if embedding_on_cpu is not None else [False, True])]
     tried = []
-    for opt in optims:
-        for on_cpu in embeddings:
-            n = need(config, trainable, opt, tokens_per_micro_batch, graphs)
-            total = n.total(not on_cpu)
-            tried.append((total, on_cpu, opt))
-            if total <= fits:
-                lines = [f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}, "
-                         f"embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, adapter {n.adapter / GIB:.2f}, "
-                         f"optimizer {opt} {n.optimizer / GIB:.2f}, activations {n.activations / GIB:.2f} for "
-                         f"{tokens_per_micro_batch} tokens a micro-batch)"]
-                return on_cpu, opt, lines
-    best = min(tried)[0]
+    for opt, on_cpu, g in choices:
+        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast)
+        total = n.total(not on_cpu)
+        tried.append(total)
+        if total <= fits:
+            lines = [f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}, "
+                     f"embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, adapter {n.adapter / GIB:.2f}, "
+                     f"optimizer {opt} {n.optimizer / GIB:.2f}, activations {n.activations / GIB:.2f} for "
+                     f"{tokens_per_micro_batch} tokens a micro-batch{'' if g or not graphs else '; no CUDA graphs'})"]
+            return on_cpu, opt, g, lines
     raise ValueError(
-        f"this run needs about {best / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is usable "
-        f"({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). Lower "
+        f"this run needs about {min(tried) / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is "
+        f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). Lower "
         "--max-seq-len or --micro-batch-size, adapt fewer modules (--targets), pass --embedding-on-cpu and "
         "--optim adamw8bit, or --cuda-graphs off")

@@ -95,8 +95,8 @@ class TrainConfig:
     max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
     # evaluation, logging, checkpoints
     eval_every: int = option(0, "evaluate on val.jsonl every N steps (0: only at the end)")
-    eval_batch_size: int = option(8, "prompts per forward pass in evaluation; with --packing, packed rows of "
-                                  "--max-seq-len")
+    eval_batch_size: int = option(8, "prompts per forward pass in evaluation (with --packing: one packed row "
+                                  "of --max-seq-len a forward)")
     eval_base: bool = option(False, "evaluate the base model before training, as a column of the eval table")
     threshold: float = option(0.5, "P(jailbreak) at or above which a prompt counts as a jailbreak")
     log_every: int = option(1, "write a metrics.jsonl line every N steps")
@@ -326,6 +326,9 @@ def train(config: TrainConfig) -> int:
     path = save_checkpoint(out, model, optimizer, progress, config, fingerprint) if saved_at != step else \
         checkpoint_path(out, step)
     save_adapter(model, str(out / "adapter"), **adapter_base(config))
+    if graphed is not None:  # the graphs' memory back for the evaluation
+        del graphed
+        torch.cuda.empty_cache()
     if evaluated_at != step:
         metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path,
                                    started)
@@ -354,11 +357,15 @@ def fit_memory(config: TrainConfig, device, resume_from):
     with user_errors("cannot plan the GPU memory"):
         cap_gpu_memory(device)
         trainable = count_trainable(model_config, targets=config.targets, rank=config.rank)
-        graphs = config.cuda_graphs != "off" and config.dropout == 0
-        config.embedding_on_cpu, config.optim, lines = plan(
+        fast = gate.decide(device, config.kernels)
+        # graphs need dropout 0, and torch._grouped_mm where expert adapters run (model/fast/cuda_graph.py)
+        graphs = config.cuda_graphs != "off" and config.dropout == 0 and fast.cuda_graphs and (
+            fast.grouped_mm or not any(t in config.targets for t in ("experts", "gate_up_proj", "down_proj")))
+        config.embedding_on_cpu, config.optim, graphs, lines = plan(
             model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
-            graphs, usable_gib(device),
-            config.embedding_on_cpu, config.optim)
+            graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast)
+        if not graphs and config.cuda_graphs == "auto":
+            config.cuda_graphs = "off"
     print("\n".join(lines))
 
 
@@ -439,7 +446,7 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, base: dict | None,
                      metrics_path: Path, started: float) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
-    metrics = evaluate(model, tokenizer, val_set, batch_size=config.eval_batch_size,
+    metrics = evaluate(model, tokenizer, val_set, batch_size=1 if config.packing else config.eval_batch_size,
                        threshold=config.threshold, max_len=config.max_seq_len, progress=True,
                        pack_len=config.max_seq_len if config.packing else None)
     name = "base" if step == 0 and base is None else f"step {step}"
