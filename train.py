@@ -191,8 +191,7 @@ def train(config: TrainConfig) -> int:
     if not tiny and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
     resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    fit_memory(config, device, resume_from)
+    device = fit_memory(config, resume_from)
     out = Path(config.output_dir)  # created once the model and the data have loaded: no empty folder on an error
 
     # --- the model: frozen base (NF4 on GPU), then the adapter
@@ -211,9 +210,7 @@ def train(config: TrainConfig) -> int:
     params = [p for _, p in lora_parameters(model)]
     model.fast_paths = gate.decide(device, config.kernels)
     print(f"fast paths on {device}:\n{model.fast_paths.describe()}")
-    # a small card keeps few graphs: each holds its memory (memory_plan.SMALL_CARD_GIB)
-    small = device.type == "cuda" and usable_gib(device) < SMALL_CARD_GIB
-    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths, max_graphs=2 if small else None)
+    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     train_set, val_set, fingerprint = load_data(config, tokenizer)
@@ -341,17 +338,19 @@ def train(config: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- memory
-def fit_memory(config: TrainConfig, device, resume_from):
-    """Settle --embedding-on-cpu and --optim ("auto") from the memory plan, before anything loads."""
-    if device.type != "cuda":
-        config.embedding_on_cpu = bool(config.embedding_on_cpu)
-        config.optim = "adamw" if config.optim == "auto" else config.optim
-        return
-    if resume_from is not None and config.optim == "auto":   # the optimizer state on disk decides
-        config.optim = read_trainer_state(resume_from)["config"]["optim"]
-    with user_errors(f"cannot load the model {config.model!r}"):
+def fit_memory(config: TrainConfig, resume_from) -> torch.device:
+    """The device; on a GPU, settle --embedding-on-cpu, --optim and --cuda-graphs ("auto") from the
+    memory plan, before anything loads."""
+    with user_errors(f"cannot load the model {config.model!r}"):   # (a hub id: its config.json only)
         model_config = GptOssConfig.from_name("tiny") if config.model == "tiny" else \
             GptOssConfig.from_pretrained(config.model)
+    if not torch.cuda.is_available():
+        config.embedding_on_cpu = bool(config.embedding_on_cpu)
+        config.optim = "adamw" if config.optim == "auto" else config.optim
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if resume_from is not None and config.optim == "auto":   # the optimizer state on disk decides
+        config.optim = read_trainer_state(resume_from)["config"]["optim"]
     if gate.bf16_problem(device):
         raise UsageError(gate.bf16_problem(device))
     with user_errors("cannot plan the GPU memory"):
@@ -361,17 +360,23 @@ def fit_memory(config: TrainConfig, device, resume_from):
         # graphs need dropout 0, and torch._grouped_mm where expert adapters run (model/fast/cuda_graph.py)
         graphs = config.cuda_graphs != "off" and config.dropout == 0 and fast.cuda_graphs and (
             fast.grouped_mm or not any(t in config.targets for t in ("experts", "gate_up_proj", "down_proj")))
+        if graphs and not config.packing and usable_gib(device) < SMALL_CARD_GIB and config.cuda_graphs == "auto":
+            # right-padded micro-batches come in many shapes, a graph each, and every graph keeps its
+            # memory: measured, they filled 15.58 GiB by step 16 (docs/BENCHMARKS.md). Packed rows: one shape.
+            print("no CUDA graphs: padded micro-batches take many shapes, which a card under "
+                  f"{SMALL_CARD_GIB} GiB cannot hold a graph each for (--packing gives one shape)")
+            graphs = False
         config.embedding_on_cpu, config.optim, graphs, lines = plan(
             model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
             graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast)
         if not graphs and config.cuda_graphs == "auto":
             config.cuda_graphs = "off"
     print("\n".join(lines))
+    return device
 
 
 # ----------------------------------------------------------------------------- one step
-def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths, max_graphs: int | None = None
-              ) -> GraphedStep | None:
+def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedStep | None:
     """The GraphedStep that runs each micro-batch, or None for the eager step; says which, and why."""
     problem = graph_problem(model, fast) if cuda_graphs != "off" else "--cuda-graphs off"
     if problem is not None and cuda_graphs == "on":
@@ -380,10 +385,9 @@ def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths, max_graphs:
     if problem is not None:
         print(f"step: eager, not CUDA graphs ({problem})")
         return None
-    kept = f"; at most {max_graphs} kept at once on this card" if max_graphs else ""
-    print(f"step: CUDA graphs (one captured per padded micro-batch shape, then replayed; one in all for "
-          f"packed rows{kept})")
-    return GraphedStep(model, params, fast, max_graphs)
+    print("step: CUDA graphs (one captured per padded micro-batch shape, then replayed; one in all for "
+          "packed rows)")
+    return GraphedStep(model, params, fast)
 
 
 def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tuple[torch.Tensor, int]:

@@ -95,7 +95,7 @@ class GraphedStep:
     as `(total * scale).backward()` would.
     """
 
-    def __init__(self, model: nn.Module, params, fast: FastPaths, max_graphs: int | None = None):
+    def __init__(self, model: nn.Module, params, fast: FastPaths):
         problem = graph_problem(model, fast)
         if problem is not None:
             raise ValueError(f"cannot replay the step as a CUDA graph: {problem}")
@@ -106,9 +106,6 @@ class GraphedStep:
         self.side = torch.cuda.Stream()                             # for the warm-up runs
         self.graphs = {}  # key -> (graph, static embeddings, rows, targets[, doc ids, positions], summed loss)
         self.captures = 0
-        # Graphs hold their pool's memory for good; a card with little room keeps at most this many
-        # and, at one more, drops them all with their pool (memory back to one graph's) and re-captures.
-        self.max_graphs = max_graphs
 
     def step(self, input_ids, labels, scale: float, doc_ids=None, positions=None) -> torch.Tensor:
         """Add scale x d(summed loss)/d(param) to each param.grad; return the summed loss (float32, on the GPU).
@@ -121,10 +118,6 @@ class GraphedStep:
             x = self.model.embed(ids)                               # (batch, seq, hidden) on the GPU
         inputs = (x, rows, targets, *packed)                        # what decoded_loss takes, in order
         key = (tuple(ids.shape), len(rows), bool(packed))
-        if key not in self.graphs and self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
-            self.graphs.clear()
-            self.pool = torch.cuda.graph_pool_handle()
-            torch.cuda.empty_cache()
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
         graph, *static, total = self.graphs[key]
