@@ -21,7 +21,7 @@ CAP_VARIABLE = "QLORA_GPU_MEMORY_GIB"
 # saved inputs, one block's recomputation and the chunked loss. Measured: 4,096 tokens took 1.44 GiB
 # above the loaded model (docs/BENCHMARKS.md); scaled by hidden size for other widths.
 ACTIVATION_BYTES_PER_TOKEN_20B = 1.44 * GIB / 4096
-SMALL_CARD_GIB = 24     # below this, CUDA graphs are kept few (train.py)
+SMALL_CARD_GIB = 24     # below this, padded micro-batches run without CUDA graphs (train.py)
 HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}          # per trainable parameter: the two moments
