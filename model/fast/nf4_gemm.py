@@ -184,9 +184,8 @@ def tiles_for(capability: tuple[int, int]) -> tuple[dict, dict]:
 
 def _tiles(x, transposed: bool) -> dict:
     """The tiles for x's device; any tiles do in the interpreter (CPU tensors)."""
-    if not x.is_cuda:
-        return TILES_T if transposed else TILES
-    return tiles_for(torch.cuda.get_device_capability(x.device))[transposed]
+    tiles, tiles_t = tiles_for(torch.cuda.get_device_capability(x.device)) if x.is_cuda else (TILES, TILES_T)
+    return tiles_t if transposed else tiles
 
 
 # The constexpr variants of _grouped_mm_kernel that the functions below launch (tests/test_kernel_targets.py
