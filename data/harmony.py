@@ -26,10 +26,11 @@ HARMONY_SPECIAL_TOKENS = (
 # Answer words. "yes"/"no" answer the question the policy asks ("is this a jailbreak attempt?").
 # They are among the most frequent lowercase English words, so every large BPE vocabulary has each
 # as a single token with no leading space (the form they take right after <|message|>); o200k_harmony
-# does as far as we know, though it cannot be checked offline here: label_token_ids() warns at run
-# time if not. One token each means the classifier's score is a single next-token probability, read
-# at one position, and the two words share no first token. Words like "jailbreak"/"benign" say more
-# but are likely split into pieces ("jail" + "break"), and would then be scored by a word fragment.
+# does (tests/test_data.py checks it on gpt-oss's tokenizer), and label_token_ids() warns at run time
+# for a tokenizer that does not. One token each means the classifier's score is a single next-token
+# probability, read at one position, and the two words share no first token. Words like
+# "jailbreak"/"benign" say more but are likely split into pieces ("jail" + "break"), and would then
+# be scored by a word fragment.
 LABELS = {True: "yes", False: "no"}
 
 # The label of a position that is not trained (the prompt, padding): PyTorch's cross-entropy

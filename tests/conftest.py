@@ -1,6 +1,8 @@
-"""Shared helpers: transformers' GptOss as the reference implementation (tests only)."""
+"""Shared helpers: transformers' GptOss as the reference implementation, gpt-oss's real tokenizer (tests only)."""
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +47,24 @@ def tiny_model(tiny_config):
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, 0.3 if "sinks" in name or "router" in name else 0.1)
     return model
+
+
+REPO = Path(__file__).resolve().parent.parent
+O200K_SCRIPT = REPO.parent / "shared" / "tools" / "o200k-tokenizer.sh"
+
+
+@pytest.fixture(scope="session")
+def o200k_dir() -> Path:
+    """A folder holding gpt-oss's tokenizer.json (o200k_harmony), built offline by
+    ../shared/tools/o200k-tokenizer.sh from a hash-checked package-index wheel into the user's cache,
+    where later runs find it. Skipped only when the package index cannot be reached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-oss-qlora" / "o200k-harmony"
+    assert O200K_SCRIPT.is_file(), f"{O200K_SCRIPT} not found: the shared/ folder belongs beside the repository"
+    run = subprocess.run(["bash", str(O200K_SCRIPT), str(cache)], capture_output=True, text=True)
+    if run.returncode != 0:
+        pip_errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR:")]
+        if pip_errors:   # pip could not download the wheel: no index, or none that has it
+            pytest.skip(f"o200k tokenizer not built, the package index gave no bpe-openai wheel: {pip_errors[-1]}")
+        raise RuntimeError(f"{O200K_SCRIPT} failed ({run.returncode}): {run.stderr.strip()}")
+    assert (cache / "tokenizer.json").is_file(), run.stdout
+    return cache

@@ -1,12 +1,14 @@
 """Tests of data/: the harmony render, loss masks, truncation, preparation, errors and batches.
 
-Everything is built here (a tiny tokenizer, small data files in tmp_path); nothing is downloaded.
+Everything is built here (a tiny tokenizer, small data files in tmp_path); nothing is downloaded
+but gpt-oss's own tokenizer, built offline from a package-index wheel (conftest.o200k_dir).
 Expected harmony strings are written by hand from the format's specification (gpt-oss-spec.md).
 """
 
 import json
 import subprocess
 import sys
+import warnings
 
 import datasets
 import pytest
@@ -15,6 +17,7 @@ import torch
 from data import (LABELS, encode_example, label_token_ids, load_tokenizer, make_batches, prepare,
                   read_split, render_prompt, tiny_tokenizer)
 from data.harmony import CUT_MARKER, HARMONY_SPECIAL_TOKENS, encode_split
+from model import GptOssConfig
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +177,63 @@ def test_encode_split_counts_cuts(tok):
     examples = [{"prompt": "short", "label": True}, {"prompt": "long " * 500, "label": False}]
     encoded, n_cut = encode_split(tok, examples, max_len=300)
     assert n_cut == 1 and len(encoded) == 2 and all(len(ids) <= 300 for ids, _ in encoded)
+
+
+# --- gpt-oss's own tokenizer (o200k_harmony) --------------------------------------------------
+
+# The ids of gpt-oss-spec.md ("Tokenizer and chat format"); the code reads them by name, never these.
+O200K_HARMONY_IDS = {"<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003,
+                     "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008,
+                     "<|call|>": 200012}
+
+
+@pytest.fixture(scope="module")
+def real_tok(o200k_dir):
+    return load_tokenizer(str(o200k_dir))
+
+
+def test_real_tokenizer_loads_with_gpt_oss_ids(o200k_dir, real_tok):
+    assert load_tokenizer(str(o200k_dir / "tokenizer.json")).to_str() == real_tok.to_str()
+    assert {name: real_tok.token_to_id(name) for name in HARMONY_SPECIAL_TOKENS} == O200K_HARMONY_IDS
+    # 199,998 ordinary tokens and 21 added ones, inside the model's 201,088 rows of embedding
+    assert real_tok.get_vocab_size() == 200_019 < GptOssConfig.from_name("gpt-oss-20b").vocab_size == 201_088
+    assert real_tok.encode("Hello world").ids == [13225, 2375]   # tiktoken's o200k_base gives the same
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_real_tokenizer_example_is_harmony_with_the_answer_trained(real_tok, label):
+    ids, labels, was_cut = encode_example(real_tok, "What is 2+2?", label, max_len=None, **CHAT)
+    expected = EXPECTED_PROMPT + LABELS[label] + "<|return|>"
+    assert real_tok.decode(ids, skip_special_tokens=False) == expected and not was_cut
+    assert ids == real_tok.encode(expected).ids
+    assert ids[:3] == [200006, real_tok.token_to_id("system"), 200008] and ids[-1] == 200002
+    assert [i for i, l in enumerate(labels) if l != -100] == [len(ids) - 2, len(ids) - 1]
+    assert labels[-2:] == ids[-2:] == [real_tok.token_to_id(LABELS[label]), 200002]
+    assert max(ids) < GptOssConfig.from_name("gpt-oss-20b").vocab_size
+
+
+def test_real_tokenizer_answer_words_are_single_tokens(real_tok):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # label_token_ids warns if a word takes several tokens
+        no_id, yes_id = label_token_ids(real_tok)
+    assert real_tok.encode("yes").ids == [yes_id] and real_tok.encode("no").ids == [no_id] and no_id != yes_id
+    ids, _, _ = encode_example(real_tok, "x", True, None)
+    assert ids[-2] == yes_id
+
+
+def test_real_tokenizer_cut_and_batches(real_tok):
+    prompt = " ".join(f"w{i}" for i in range(3000))
+    max_len = 400
+    encoded = []
+    for label in (True, False):
+        ids, labels, was_cut = encode_example(real_tok, prompt, label, max_len)
+        assert was_cut and len(ids) == max_len        # both answers are two ids: the room is all used
+        assert render_prompt(real_tok, prompt, max_len=max_len) == ids[:-2]
+        encoded.append((ids, labels))
+    encoded.append(encode_example(real_tok, "short", False, max_len)[:2])
+    pad_id = real_tok.token_to_id("<|endoftext|>")
+    (ids, labels), = make_batches(encoded, batch_size=3, seed=0, epoch=0, pad_id=pad_id)
+    assert ids.shape == (3, max_len) and int((labels != -100).sum()) == 6
 
 
 # --- preparation -----------------------------------------------------------------------------

@@ -57,6 +57,30 @@ def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, cou
                                rtol=1e-5, atol=1e-4)
 
 
+def test_every_generations_tiles_give_the_same_products(gemm):
+    """The tiles tiles_for picks for each GPU generation (here in the interpreter, which takes any)
+    compute what dequantise-then-multiply does, partial tiles included (out = 192: 64-wide tiles
+    fill it, 128-wide ones end half empty)."""
+    torch.manual_seed(5)
+    experts, n_in, n_out, counts = 3, 96, 192, [5, 0, 140]
+    w = NF4Tensor(torch.randn(experts, n_in, n_out), compute_dtype=torch.float32)
+    dense = w.dequantize()
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, dy, bias = torch.randn(sum(counts), n_in), torch.randn(sum(counts), n_out), torch.randn(experts, n_out)
+    expert = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts))
+    seen = []
+    for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        tiles, tiles_t = gemm.tiles_for(cap)
+        if (tiles, tiles_t) in seen:
+            continue
+        seen.append((tiles, tiles_t))
+        torch.testing.assert_close(gemm.grouped_mm(x, w, offsets, bias, tiles=tiles),
+                                   per_expert(x, dense, counts) + bias[expert], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gemm.grouped_mm_t(dy, w, offsets, tiles=tiles_t),
+                                   per_expert(dy, dense, counts, transpose=True), rtol=1e-5, atol=1e-4)
+    assert len(seen) == 3, seen       # Hopper's, data-center Blackwell's and the rest
+
+
 def test_scales_undo_the_double_quantisation(gemm):
     torch.manual_seed(1)
     w = NF4Tensor(torch.randn(2, 64, 512), compute_dtype=torch.float32)

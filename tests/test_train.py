@@ -373,6 +373,7 @@ def test_weights_not_reachable_offline_is_a_clear_error(capsys, tmp_path, monkey
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)         # get past the GPU check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))   # and the bf16 one
     assert train.main(["--model", "no-such-owner/no-such-model", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cannot load the model 'no-such-owner/no-such-model'" in err and "--model tiny" in err

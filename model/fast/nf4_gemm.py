@@ -164,6 +164,36 @@ TILES = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}    # y
 TILES_T = {"BM": 256, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}   # dx = dy @ W^T (BN: the sum)
 
 
+def tiles_for(capability: tuple[int, int]) -> tuple[dict, dict]:
+    """(tiles of y = x @ W, tiles of dx = dy @ W^T) for a CUDA device's compute capability.
+
+    A thread holds at most 255 registers; past that it spills to memory. Untimed away from the H100:
+    each choice below is the tuned tile changed as little as keeps every variant from spilling and
+    within the generation's shared memory (bench/kernel_targets.py prints both; tests/test_kernel_targets.py
+    compiles them all)."""
+    major = capability[0]
+    if major == 9:      # Hopper: as tuned
+        return TILES, TILES_T
+    if major == 10:     # data-center Blackwell: the forward tile spills at 4 warps, not at 8
+        return {**TILES, "num_warps": 8}, TILES_T
+    # Ampere, Ada, consumer Blackwell (sm_120) and anything newer: without Hopper's wgmma the
+    # (128, 128) forward tile spills, half as wide does not and still holds whole blocks of 64; the
+    # transposed tile fits ~99 KB of shared memory and stops spilling at 8 warps.
+    return {**TILES, "BN": 64}, {**TILES_T, "num_warps": 8}
+
+
+def _tiles(x, transposed: bool) -> dict:
+    """The tiles for x's device; any tiles do in the interpreter (CPU tensors)."""
+    tiles, tiles_t = tiles_for(torch.cuda.get_device_capability(x.device)) if x.is_cuda else (TILES, TILES_T)
+    return tiles_t if transposed else tiles
+
+
+# The constexpr variants of _grouped_mm_kernel that the functions below launch (tests/test_kernel_targets.py
+# compiles each for every GPU generation): grouped_mm, and grouped_mm_swiglu with and without y.
+FORWARD_VARIANTS = [{"HAS_BIAS": bias, "STORE_Y": store_y, "SWIGLU": swiglu}
+                    for bias in (True, False) for store_y, swiglu in ((True, False), (True, True), (False, True))]
+
+
 def _check(x, w, offsets):
     e, k, n = w.shape
     assert x.is_contiguous(), x.stride()
@@ -175,10 +205,11 @@ def _check(x, w, offsets):
 def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
     e, k, n = _check(x, w, offsets)
     assert x.shape[1] == k, (x.shape, w.shape)
+    assert {"HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None} in FORWARD_VARIANTS
     y = x.new_empty(x.shape[0], n) if store_y else None
     h = x.new_empty(x.shape[0], n // 2) if swiglu else None
     alpha, limit = swiglu or (0.0, 0.0)
-    t = tiles
+    t = tiles or _tiles(x, transposed=False)
     grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     code = w.state.code.to(device=x.device, dtype=torch.float32)
     some = y if store_y else h                                 # stands in for the pointers not used
@@ -188,12 +219,12 @@ def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
     return y, h
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict = TILES):
+def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None):
     """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e])."""
     return _forward(x, w, offsets, bias, None, True, tiles)[0]
 
 
-def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict = TILES):
+def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None):
     """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
 
     Returns (y, h), y None unless `keep_y` (the backward needs it; a forward without gradient does not).
@@ -201,12 +232,12 @@ def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=Tr
     return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles)
 
 
-def grouped_mm_t(dy, w, offsets, tiles: dict = TILES_T):
+def grouped_mm_t(dy, w, offsets, tiles: dict | None = None):
     """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T."""
     e, k, n = _check(dy, w, offsets)
     assert dy.shape[1] == n, (dy.shape, w.shape)
     dx = dy.new_empty(dy.shape[0], k)
-    t = tiles
+    t = tiles or _tiles(dy, transposed=True)
     grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
     code = w.state.code.to(device=dy.device, dtype=torch.float32)
     _grouped_mm_t_kernel[grid](dy, w.packed, scales(w), code, offsets, dx, k, n, e, **t)

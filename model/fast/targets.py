@@ -1,0 +1,94 @@
+"""The NF4 kernels compiled for a GPU generation on a machine without one (tests and bench only).
+
+Triton compiles for any NVIDIA target without a device (its wheel ships ptxas), so the tiles that
+`nf4_gemm.tiles_for` picks for each generation can be checked here: every kernel variant the code
+launches, specialised on its arguments as the JIT specialises gpt-oss's real ones, must fit the
+generation's shared memory, and how many registers it takes and spills is read from ptxas.
+Used by tests/test_kernel_targets.py and bench/kernel_targets.py; nothing at run time imports it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import nf4_gemm
+
+# Shared memory a block may use (the opt-in maximum, bytes), per compute capability: the data-center
+# parts have more than the consumer ones, whose registers per thread also run out sooner.
+SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_448, (10, 0): 232_448,
+                 (12, 0): 101_376}
+
+# The arguments' types at run time (bf16 activations, NF4 codes as bytes, fp32 scales and code book)
+# and gpt-oss's sizes: K = 2880 in, N = 5760 (gate_up) or 2880 (down) out, 32 or 128 experts.
+POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+            "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16"}
+GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32}
+
+
+def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
+    """The kernel as the JIT builds it for these arguments: every pointer 16-byte aligned (torch's
+    allocations are), an int that is a multiple of 16 marked divisible by 16, an int equal to 1
+    folded into a constant (Triton 3's specialisation), floats not specialised."""
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ints and ints[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif name in ints:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    return ASTSource(kernel, signature, constexprs, attrs)
+
+
+def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: dict, ints: dict = GPT_OSS_INTS):
+    """triton.compile of one kernel variant with these tiles, for sm_{major}{minor}."""
+    block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
+    options = {k: tiles[k] for k in ("num_warps", "num_stages")}
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    return triton.compile(source(kernel, {**constexprs, **block}, ints), target=target, options=options)
+
+
+def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation."""
+    tiles, tiles_t = nf4_gemm.tiles_for(capability)
+    out = []
+    for constexprs in nf4_gemm.FORWARD_VARIANTS:
+        name = "y=x@W" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)
+        out.append((name, nf4_gemm._grouped_mm_kernel, constexprs, tiles))
+    out.append(("dx=dy@W^T", nf4_gemm._grouped_mm_t_kernel, {}, tiles_t))
+    return out
+
+
+def ptxas_usage(compiled, capability: tuple[int, int]) -> dict:
+    """Registers per thread, spill stores/loads (bytes) and stack frame from `ptxas -v` on the kernel's
+    PTX (with the flags Triton passes), and the shared memory Triton allotted."""
+    arch = capability[0] * 10 + capability[1]
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = os.path.join(bin_dir, "ptxas" if arch < 90 else "ptxas-blackwell")   # as Triton picks
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        log = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx,
+                              "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
+            "shared": compiled.metadata.shared}
