@@ -10,34 +10,46 @@ in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupt
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import hashlib
-import json
-import math
 import os
-import shutil
 import signal
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split, special_id,
-                  tiny_tokenizer, write_synthetic)
-from eval import evaluate, format_table
-from eval.report import change
-from lora import inject, load_adapter, lora_parameters, save_adapter
-from model import GptOss, GptOssConfig, load_model
-from model.cuda_graph import GraphedStep, graph_problem
-from model.loading import CheckpointError
-from model.loss import IGNORE
+def stopped_while_loading(signum, frame):
+    """Until main() takes over: a signal while torch loads (seconds) ends with one line, no traceback."""
+    try:
+        os.write(2, f"{signal.Signals(signum).name} while starting; nothing was written\n".encode())
+    finally:
+        os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # first thing, before the slow imports below
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stopped_while_loading)
+
+import argparse  # noqa: E402 (the handlers above come first)
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import checkpoints  # noqa: E402
+from checkpoints import Interrupted, Refused, SafeStream, StopSignals, WriteFailed, say  # noqa: E402
+from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split,  # noqa: E402
+                  special_id, tiny_tokenizer, write_synthetic)
+from eval import evaluate, format_table  # noqa: E402
+from eval.report import change  # noqa: E402
+from lora import inject, lora_parameters  # noqa: E402
+from model import GptOss, GptOssConfig, load_model  # noqa: E402
+from model.cuda_graph import GraphedStep, graph_problem  # noqa: E402
+from model.loading import CheckpointError  # noqa: E402
+from model.loss import IGNORE  # noqa: E402
 
 DEFAULT_DATA = "walledai/JailbreakHub"
 
@@ -112,36 +124,55 @@ class UsageError(Exception):
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
-    try:
-        return train(config)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without saving
-        print(f"interrupted; nothing saved since the last checkpoint in {config.output_dir}", file=sys.stderr)
-        return 130
+    """The command line around a run: signals, stdout/stderr that may close, the folder's lock, and one
+    clear line (never a traceback) for every way a run can end early. Returns the exit code."""
+    config = None
+    with StopSignals() as stop, contextlib.redirect_stdout(SafeStream(sys.stdout)), \
+            contextlib.redirect_stderr(SafeStream(sys.stderr)):
+        try:
+            config = settle(parse_args(argv))
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            with checkpoints.lock(Path(config.output_dir), say):
+                return train(config, stop)
+        except (UsageError, Refused) as error:
+            say(f"error: {error}", error=True)
+            return 2
+        except WriteFailed as error:
+            say(f"error: {error}", error=True)
+            return 1
+        except Interrupted as stopped:  # before the loop: every write so far was atomic
+            say(f"{stopped}: stopped while starting, before any training step", error=True)
+            return 128 + stopped.signum
+        except KeyboardInterrupt:  # a second signal in the loop: stop at once, without saving
+            where = f" in {config.output_dir}" if config else ""
+            say(f"interrupted; nothing saved since the last checkpoint{where}", error=True)
+            return 130
 
 
-def train(config: TrainConfig) -> int:
-    """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
+def settle(config: TrainConfig) -> TrainConfig:
+    """Check the settings, fill in the defaults that depend on others, print the result."""
     check(config)
-    tiny = config.model == "tiny"
     if config.data is None:
-        config.data = "synthetic" if tiny else DEFAULT_DATA
+        config.data = "synthetic" if config.model == "tiny" else DEFAULT_DATA
     if config.alpha is None:
         config.alpha = float(config.rank)
     print("config:\n" + "\n".join(f"  {k:<24} {v}" for k, v in dataclasses.asdict(config).items()))
-    if not tiny and not torch.cuda.is_available():
+    if config.model != "tiny" and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
-    resume_from = find_resume(config)  # before the slow loading: a wrong --resume fails at once
+    return config
+
+
+def train(config: TrainConfig, stop: StopSignals) -> int:
+    """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoints.clean_leftovers(out, say)
+    compute = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME}
+    resume = checkpoints.choose(out, config.resume, compute, say)  # before the slow loading: fail at once
 
     # --- the model: frozen base (NF4 on GPU), then the adapter
     torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if tiny:
+    if config.model == "tiny":
         model = GptOss(GptOssConfig.from_name("tiny")).to(device)  # float32
         tokenizer = tiny_tokenizer()
     else:
@@ -160,37 +191,34 @@ def train(config: TrainConfig) -> int:
     pad_id = special_id(tokenizer, "<|endoftext|>")
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.micro_batch_size) / config.grad_accum)
     total_steps = config.epochs * steps_per_epoch
+    identity = checkpoints.run_identity(compute, fingerprint)
 
-    # --- the optimizer, on the adapter only
+    # --- the optimizer, on the adapter only (checkpoints keep any optimizer's whole state_dict)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     progress = {"step": 0, "epoch": 0, "batch": 0, "skipped_steps": 0, "bad_in_a_row": 0,
-                "tokens": 0, "target_tokens": 0, "base_metrics": None}
+                "tokens": 0, "target_tokens": 0, "base_metrics": None, "best": None}
+    if resume is not None:
+        progress = checkpoints.restore(resume, model, optimizer, identity, total_steps)
+        say(f"resumed from {resume.folder}: step {progress['step']} of {total_steps}, epoch "
+            f"{progress['epoch']}, batch {progress['batch']}")
     metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        progress = load_checkpoint(resume_from, model, optimizer, fingerprint)
-        keep_metrics_until(metrics_path, progress["step"])
-        print(f"resumed from {resume_from}: step {progress['step']} of {total_steps}, epoch "
-              f"{progress['epoch']}, batch {progress['batch']}")
-    else:
-        metrics_path.unlink(missing_ok=True)
-        if config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
-            progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path)
+    logged = checkpoints.keep_metrics(metrics_path, resume and resume.step, say)
+    # the evaluation of the checkpoint's step, when it was logged: a finished run is not evaluated twice
+    metrics = next((r for r in logged if r["kind"] == "eval" and r["step"] == progress["step"] > 0), None)
+    if resume is None and config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
+        progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path)
     print(f"{len(train_set)} training examples, {config.micro_batch_size} x {config.grad_accum} per step: "
           f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
 
     # --- the loop
-    stop = {"signal": None}  # set by SIGINT/SIGTERM: finish the step, save, exit
-    restore_signals = catch_signals(stop)
+    stop.phase = "loop"  # from here a signal finishes the step, saves a checkpoint, and stops
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True)
-    saved_at = progress["step"] if resume_from is not None else None
-    evaluated_at, metrics = None, None
     model.train()
     try:
         for epoch, next_batch, micro_batches in optimizer_steps(train_set, config, pad_id,
                                                                 progress["epoch"], progress["batch"]):
             if config.max_steps and progress["step"] >= config.max_steps:
-                tqdm.write(f"--max-steps {config.max_steps} reached")
                 break
             start = time.perf_counter()
             lr = learning_rate(progress["step"], total_steps, config)
@@ -212,6 +240,7 @@ def train(config: TrainConfig) -> int:
                             tokens=progress["tokens"] + tokens,
                             target_tokens=progress["target_tokens"] + target_tokens)
             step = progress["step"]
+            last = step == total_steps or step == config.max_steps
 
             # log
             record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
@@ -226,44 +255,49 @@ def train(config: TrainConfig) -> int:
             bar.set_postfix(postfix)
             bar.update(1)
             if step % config.log_every == 0 or not finite:
-                log(metrics_path, {k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
-                                   for k, v in record.items()})
+                checkpoints.append_metrics(metrics_path, record)
             if not finite:
-                tqdm.write(f"step {step}: non-finite loss ({record['loss']}) or gradient norm "
-                           f"({record['grad_norm']}); step skipped ({progress['bad_in_a_row']} in a row)")
+                say(f"step {step}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']}); "
+                    f"step skipped ({progress['bad_in_a_row']} in a row)")
                 if progress["bad_in_a_row"] >= config.max_bad_steps:
-                    last = latest_checkpoint(out)
-                    tqdm.write(f"error: {progress['bad_in_a_row']} steps in a row had a non-finite loss or "
-                               "gradient, so the run stops. Lower --lr or --max-grad-norm, or check the data; "
-                               f"the last good checkpoint is {last or 'none (no checkpoint was saved)'}",
-                               file=sys.stderr)
+                    last_good = (checkpoints.list_checkpoints(out) or ["none (no checkpoint was saved)"])[-1]
+                    say(f"error: {progress['bad_in_a_row']} steps in a row had a non-finite loss or gradient, "
+                        "so the run stops. Lower --lr or --max-grad-norm, or check the data; the last good "
+                        f"checkpoint is {last_good}", error=True)
                     return 1
 
-            # evaluate, checkpoint
-            if config.eval_every and step % config.eval_every == 0:
+            # evaluate (always at the last step), checkpoint, stop
+            metrics, best = None, progress["best"]
+            if (config.eval_every and step % config.eval_every == 0) or last:
                 metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"],
                                            metrics_path)
-                evaluated_at = step
-            if (config.save_every and step % config.save_every == 0) or stop["signal"] is not None:
-                path = save_checkpoint(out, model, optimizer, progress, config, fingerprint)
-                saved_at = step
-            if stop["signal"] is not None:
-                tqdm.write(f"stopped by {signal.Signals(stop['signal']).name} after step {step}; checkpoint "
-                           f"saved in {path}. Continue with --resume auto")
-                return 128 + stop["signal"]
+                if config.eval_every and (best is None or metrics["f1"] > best["f1"]):
+                    progress["best"] = {"step": step, "f1": metrics["f1"]}  # its checkpoint is kept
+            stopping = stop.signum is not None  # read once: what is saved and what is said agree
+            if (config.save_every and step % config.save_every == 0) or last or stopping \
+                    or progress["best"] is not best:
+                path = checkpoints.save(out, model, optimizer, progress, dataclasses.asdict(config), identity)
+                checkpoints.prune(out, config.keep_last, keep={progress["best"]["step"]} if progress["best"] else set())
+            if stopping:
+                say(f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in {path}. "
+                    "Continue with --resume auto", error=True)
+                return 128 + stop.signum
+            if last:
+                break
     finally:
         bar.close()
-        restore_signals()
 
-    # --- the end: checkpoint, adapter, evaluation
-    step = progress["step"]
-    path = save_checkpoint(out, model, optimizer, progress, config, fingerprint) if saved_at != step else \
-        checkpoint_path(out, step)
-    save_adapter(model, str(out / "adapter"))
-    if evaluated_at != step:
+    # --- the end: the adapter, and what the run achieved
+    step, best = progress["step"], progress["best"]
+    if metrics is None:  # resumed at the end of a run whose last evaluation was not logged
         metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path)
-    print(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
-          f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {path}")
+    stop.phase = "done"  # the run is finishing anyway: signals are ignored from here
+    checkpoints.save_final_adapter(model, out)
+    say(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
+        f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {checkpoints.checkpoint_path(out, step)}")
+    if best is not None:
+        say(f"best validation F1 {best['f1']:.4f} at step {best['step']}: "
+            f"{checkpoints.checkpoint_path(out, best['step'])}")
     return 0
 
 
@@ -335,24 +369,9 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
     columns = {name: metrics}
     if base is not None:
         columns = {"base": base, name: metrics, "change": change(base, metrics)}
-    tqdm.write(f"validation ({len(val_set)} examples) at step {step}:\n{format_table(columns)}")
-    log(metrics_path, {"kind": "eval", "step": step, **metrics})
+    say(f"validation ({len(val_set)} examples) at step {step}:\n{format_table(columns)}")
+    checkpoints.append_metrics(metrics_path, {"kind": "eval", "step": step, **metrics})
     return metrics
-
-
-def log(metrics_path: Path, record: dict):
-    """Append one JSON line to metrics.jsonl."""
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def keep_metrics_until(metrics_path: Path, step: int):
-    """On resume: drop the lines of steps after the checkpoint, which the resumed run writes again."""
-    if not metrics_path.is_file():
-        return
-    lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- data
@@ -391,138 +410,6 @@ def user_errors(what: str):
         yield
     except (CheckpointError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
         raise UsageError(f"{what}: {error}") from error
-
-
-# ----------------------------------------------------------------------------- checkpoints
-# <output-dir>/checkpoint-<step>/
-#     adapter_model.safetensors, adapter_config.json    the adapter, PEFT's layout (lora.save_adapter)
-#     optimizer.safetensors                              AdamW state: state.<param index>.<name>
-#     rng.safetensors                                    torch_cpu, cuda.<device>: generator states (uint8)
-#     trainer_state.json                                 progress, data position, schedule, param_groups, config
-# No pickle anywhere: loading a checkpoint never runs code.
-def checkpoint_path(out: Path, step: int) -> Path:
-    return out / f"checkpoint-{step}"
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in out, oldest first (the temporary folders start with '.')."""
-    found = []
-    for path in out.glob("checkpoint-*") if out.is_dir() else []:
-        suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1] if found else None
-
-
-def save_checkpoint(out: Path, model, optimizer, progress: dict, config: TrainConfig, fingerprint: str) -> Path:
-    """Write checkpoint-<step> into a temporary folder and rename it into place; keep the last --keep-last."""
-    step = progress["step"]
-    final, tmp = checkpoint_path(out, step), out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-    save_adapter(model, str(tmp))
-    opt = optimizer.state_dict()
-    save_file({f"state.{index}.{name}": value.detach().cpu().contiguous()
-               for index, state in opt["state"].items() for name, value in state.items()},
-              str(tmp / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    trainer_state = {
-        "progress": progress,  # step, data position (epoch, next batch), counters
-        "scheduler": {"kind": "linear warm-up, then cosine", "step": step},  # lr is a function of the step
-        "param_groups": opt["param_groups"],
-        "config": dataclasses.asdict(config),
-        "data_fingerprint": fingerprint,
-        "torch": torch.__version__,
-    }
-    with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
-        json.dump(trainer_state, f, indent=1)
-    if final.exists():  # the same step saved by an earlier attempt of this run
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if config.keep_last:
-        for old in list_checkpoints(out)[:-config.keep_last]:
-            shutil.rmtree(old)
-    return final
-
-
-def read_trainer_state(folder: Path) -> dict:
-    path = Path(folder) / "trainer_state.json"
-    if not path.is_file():
-        raise UsageError(f"{folder} is not a checkpoint: it has no trainer_state.json. Pass a "
-                         "checkpoint-<step> folder written by train.py, or --resume auto")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def find_resume(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses one whose run was configured otherwise."""
-    out = Path(config.output_dir)
-    if config.resume is None:
-        if list_checkpoints(out):
-            raise UsageError(f"{out} already holds checkpoints ({', '.join(p.name for p in list_checkpoints(out))}); "
-                             "continue that run with --resume auto, or choose another --output-dir")
-        return None
-    if config.resume == "auto":
-        folder = latest_checkpoint(out)
-        if folder is None:
-            print(f"--resume auto: no checkpoint in {out}; starting fresh")
-            return None
-    else:
-        folder = Path(config.resume)
-    saved = read_trainer_state(folder)["config"]
-    differ = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-              for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved.get(k) != v]
-    if differ:
-        raise UsageError(f"cannot resume from {folder}: the run there was configured differently:\n  "
-                         + "\n  ".join(differ) + "\nResume with the checkpoint's settings, or start a new "
-                         "run in another --output-dir")
-    return folder
-
-
-def load_checkpoint(folder: Path, model, optimizer, fingerprint: str) -> dict:
-    """Restore adapter, optimizer, RNG states; return the progress (step, data position, counters)."""
-    state = read_trainer_state(folder)
-    if state["data_fingerprint"] != fingerprint:
-        raise UsageError(f"cannot resume from {folder}: train.jsonl / val.jsonl differ from the data that "
-                         "run trained on. Resume with the same --data, or start a new run")
-    with user_errors(f"cannot resume from {folder}"):
-        load_adapter(model, str(folder))
-    opt_state: dict[int, dict] = {}
-    for key, value in load_file(str(Path(folder) / "optimizer.safetensors")).items():
-        _, index, name = key.split(".", 2)
-        opt_state.setdefault(int(index), {})[name] = value
-    groups = [dict(group, betas=tuple(group["betas"])) for group in state["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    rng = load_file(str(Path(folder) / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-    return state["progress"]
-
-
-# ----------------------------------------------------------------------------- signals
-def catch_signals(stop: dict):
-    """SIGINT/SIGTERM set stop["signal"] (a second one interrupts at once); returns a function to undo."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # handlers can only be set from the main thread
-
-    def handler(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                   "(send it again to stop at once)")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -566,4 +453,6 @@ def check(config: TrainConfig):
 
 
 if __name__ == "__main__":
+    for signum in (signal.SIGINT, signal.SIGTERM):  # what main() leaves behind: nothing can kill the ending
+        signal.signal(signum, signal.SIG_IGN)
     sys.exit(main())
