@@ -1,5 +1,4 @@
-"""Everything train.py reads and writes in --output-dir: checkpoints, metrics.jsonl, the folder's lock,
-and the SIGINT/SIGTERM handling that decides when a checkpoint is written before the run stops.
+"""Everything train.py reads and writes in --output-dir: checkpoints, metrics.jsonl, the folder's lock.
 
 <output-dir>/
     .lock                          fcntl.flock'ed by the run using the folder; holds its pid
@@ -24,20 +23,15 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
 import re
 import shutil
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_tensors, save_file
-from tqdm import tqdm
 
 from lora import load_adapter, save_adapter
 
@@ -45,7 +39,6 @@ FORMAT = 1
 MANIFEST, STATE = "manifest.json", "trainer_state.json"
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "rng.safetensors", STATE)
 PROGRESS_COUNTERS = ("step", "epoch", "batch", "skipped_steps", "bad_in_a_row", "tokens", "target_tokens")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Refused(Exception):
@@ -472,91 +465,6 @@ def lock(out: Path, say):
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # empty: released cleanly (a pid left here means the run died)
         os.close(fd)  # closing drops the flock
-
-
-# ----------------------------------------------------------------------------- signals and reporting
-class Interrupted(BaseException):
-    """A signal before the loop: stop at once (every write so far is atomic, nothing is half-written)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopSignals:
-    """SIGINT/SIGTERM over a whole run, in three phases.
-
-    start-up: raise Interrupted (the caller says one line and exits). loop: remember the signal; the
-    loop saves a checkpoint after this step and stops; a second signal interrupts at once. done: the
-    run is finishing anyway, so signals are ignored. On exit the previous handlers are put back.
-    """
-
-    def __init__(self):
-        self.signum, self.phase, self.previous = None, "start-up", {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers only work there
-            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.phase == "start-up":
-            raise Interrupted(signum)
-        if self.phase == "done":
-            return
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (send it again to "
-            "stop at once)", error=True)
-
-
-class SafeStream(io.TextIOBase):
-    """stdout/stderr that a closed reader cannot break: `train.py | tee log` where Ctrl-C kills tee too.
-
-    The first failed write sends the rest to /dev/null, so the final flush at exit does not fail either.
-    """
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):  # BrokenPipeError, EIO; ValueError: the file is closed
-            self._to_devnull()
-        return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self._to_devnull()
-
-    def _to_devnull(self):
-        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-
-    def isatty(self):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            return self.stream.isatty()
-        return False
-
-    def fileno(self):
-        return self.stream.fileno()
-
-
-def say(message: str, error: bool = False):
-    """Print above the progress bar; never raises because stdout or stderr has gone away."""
-    with contextlib.suppress(OSError, ValueError):
-        tqdm.write(message, file=sys.stderr if error else sys.stdout)
 
 
 # ----------------------------------------------------------------------------- small helpers

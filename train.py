@@ -18,7 +18,7 @@ import sys
 def stopped_while_loading(signum, frame):
     """Until main() takes over: a signal while torch loads (seconds) ends with one line, no traceback."""
     try:
-        os.write(2, f"{signal.Signals(signum).name} while starting; nothing was written\n".encode())
+        os.write(2, f"{signal.Signals(signum).name}: stopped while starting, before any training step\n".encode())
     finally:
         os._exit(128 + signum)
 
@@ -27,21 +27,19 @@ if __name__ == "__main__":  # first thing, before the slow imports below
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stopped_while_loading)
 
-import argparse  # noqa: E402 (the handlers above come first)
-import contextlib  # noqa: E402
+import contextlib  # noqa: E402 (the handlers above come first)
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import checkpoints  # noqa: E402
-from checkpoints import Interrupted, Refused, SafeStream, StopSignals, WriteFailed, say  # noqa: E402
-from data import (MAX_LEN, encode_split, load_tokenizer, make_batches, prepare, read_split,  # noqa: E402
+from checkpoints import Refused, WriteFailed  # noqa: E402
+from data import (encode_split, load_tokenizer, make_batches, prepare, read_split,  # noqa: E402
                   special_id, tiny_tokenizer, write_synthetic)
 from eval import evaluate, format_table  # noqa: E402
 from eval.report import change  # noqa: E402
@@ -50,77 +48,12 @@ from model import GptOss, GptOssConfig, load_model  # noqa: E402
 from model.cuda_graph import GraphedStep, graph_problem  # noqa: E402
 from model.loading import CheckpointError  # noqa: E402
 from model.loss import IGNORE  # noqa: E402
-
-DEFAULT_DATA = "walledai/JailbreakHub"
-
-
-def option(default, help: str, type=None):
-    """A TrainConfig field with its command-line help (and its type where the default is None)."""
-    return field(default=default, metadata={"help": help, "type": type})
-
-
-@dataclass
-class TrainConfig:
-    # what to train, on what
-    model: str = option("openai/gpt-oss-20b", "hub id or local folder of a gpt-oss checkpoint (BF16 or "
-                        "MXFP4); 'tiny' builds a small random model, no download, CPU is enough")
-    data: str | None = option(None, "hub id, a json/jsonl/csv/parquet file, or a folder holding train.jsonl and "
-                       "val.jsonl; 'synthetic' is a small built-in task. Default: " + DEFAULT_DATA
-                       + ", or synthetic with --model tiny", type=str)
-    n_examples: int = option(400, "examples drawn from --data when it is prepared here (half of each class)")
-    output_dir: str = option("runs/qlora", "folder for checkpoints, the prepared data, metrics.jsonl and adapter/")
-    # the adapter
-    rank: int = option(16, "LoRA rank r")
-    alpha: float | None = option(None, "LoRA alpha: the update is scaled by alpha / rank (default: alpha = rank)",
-                          type=float)
-    dropout: float = option(0.0, "dropout on the input of each LoRA update, in training (above 0, the step "
-                            "cannot be a CUDA graph)")
-    targets: str = option("q_proj,k_proj,v_proj,o_proj", "comma-separated modules to adapt: q_proj, k_proj, "
-                          "v_proj, o_proj, router, experts, gate_up_proj, down_proj, or regular "
-                          "expressions over full module names")
-    # the optimisation
-    lr: float = option(2e-4, "peak learning rate of AdamW")
-    warmup_steps: int = option(10, "optimizer steps of linear warm-up to --lr; then a cosine decay")
-    min_lr_ratio: float = option(0.0, "the cosine ends at lr * this, at the last step of the last epoch")
-    weight_decay: float = option(0.0, "AdamW's decoupled weight decay on the adapter")
-    max_grad_norm: float = option(1.0, "clip the adapter's gradient to this norm (0: no clipping)")
-    epochs: int = option(3, "passes over the training split")
-    micro_batch_size: int = option(2, "examples per forward/backward pass")
-    grad_accum: int = option(4, "micro-batches per optimizer step")
-    max_seq_len: int = option(MAX_LEN, "longest example in tokens; longer prompts are cut in the middle")
-    seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
-                       "tiny model's weights)")
-    gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
-    embedding_on_cpu: bool = option(False, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory)")
-    cuda_graphs: str = option("auto", "replay each micro-batch's forward and backward as a CUDA graph, far "
-                              "fewer launches from the host: on, off, or auto (on where the model allows it)")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs); the learning-rate "
-                            "schedule still spans all epochs")
-    max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
-    # evaluation, logging, checkpoints
-    eval_every: int = option(0, "evaluate on val.jsonl every N steps (0: only at the end)")
-    eval_batch_size: int = option(8, "prompts per forward pass in evaluation")
-    eval_base: bool = option(False, "evaluate the base model before training, as a column of the eval table")
-    threshold: float = option(0.5, "P(jailbreak) at or above which a prompt counts as a jailbreak")
-    log_every: int = option(1, "write a metrics.jsonl line every N steps")
-    save_every: int = option(50, "checkpoint every N steps (0: only at the end); always at the end")
-    keep_last: int = option(2, "checkpoints kept (0: all); older ones are deleted")
-    resume: str | None = option(None, "a checkpoint folder, or 'auto' for the newest in --output-dir", type=str)
-
-
-# Fields that may change between a run and its resumption: they do not change what is computed
-# (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
-FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
-                  "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "cuda_graphs"}
+from stopping import Interrupted, SafeStream, StopSignals, say  # noqa: E402
+from train_config import DEFAULT_DATA, FREE_ON_RESUME, TrainConfig, UsageError, check, parse_args  # noqa: E402
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
           "of GPU memory (a 16 GB card trains it at --max-seq-len 4096); gpt-oss-120b needs an 80 GB card. "
           "Without a GPU, try the small random model: python train.py --model tiny")
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
 
 
 def main(argv=None) -> int:
@@ -130,16 +63,13 @@ def main(argv=None) -> int:
     with StopSignals() as stop, contextlib.redirect_stdout(SafeStream(sys.stdout)), \
             contextlib.redirect_stderr(SafeStream(sys.stderr)):
         try:
-            config = settle(parse_args(argv))
+            config = settle(parse_args(argv, __doc__))
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             with checkpoints.lock(Path(config.output_dir), say):
                 return train(config, stop)
-        except (UsageError, Refused) as error:
+        except (UsageError, Refused, WriteFailed) as error:  # WriteFailed: the disk, not the user
             say(f"error: {error}", error=True)
-            return 2
-        except WriteFailed as error:
-            say(f"error: {error}", error=True)
-            return 1
+            return 1 if isinstance(error, WriteFailed) else 2
         except Interrupted as stopped:  # before the loop: every write so far was atomic
             say(f"{stopped}: stopped while starting, before any training step", error=True)
             return 128 + stopped.signum
@@ -410,46 +340,6 @@ def user_errors(what: str):
         yield
     except (CheckpointError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
         raise UsageError(f"{what}: {error}") from error
-
-
-# ----------------------------------------------------------------------------- command line
-def parse_args(argv=None) -> TrainConfig:
-    """The command line, one flag per TrainConfig field (--micro-batch-size for micro_batch_size)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):  # --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            default = "" if f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
-                                help=help + default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-def check(config: TrainConfig):
-    """Ranges of the settings, all problems in one message."""
-    problems = []
-    for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
-                 "log_every", "max_bad_steps", "n_examples"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
-    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",
-                 "keep_last"):
-        if getattr(config, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} must not be negative, not {getattr(config, name)}")
-    if not config.lr > 0:
-        problems.append(f"--lr must be positive, not {config.lr}")
-    if not 0 <= config.dropout < 1:
-        problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
-    if config.cuda_graphs not in ("auto", "on", "off"):
-        problems.append(f"--cuda-graphs must be auto, on or off, not {config.cuda_graphs!r}")
-    if not 0 <= config.min_lr_ratio <= 1:
-        problems.append(f"--min-lr-ratio must be in [0, 1], not {config.min_lr_ratio}")
-    if not 0 < config.threshold < 1:
-        problems.append(f"--threshold must be between 0 and 1, not {config.threshold}")
-    if problems:
-        raise UsageError("; ".join(problems))
 
 
 if __name__ == "__main__":
