@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors, save_file
 
 from lora import load_adapter, save_adapter
@@ -103,7 +104,7 @@ def save(out: Path, model, optimizer, progress: dict, config: dict, identity: di
             _remove(final)
         os.replace(tmp, final)
         _fsync_dir(out)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise WriteFailed(f"cannot write {final.name} in {out}: {_os_reason(error)}. "
                           f"{_intact_note(out)} Free space or fix the folder, then continue with --resume auto") \
@@ -115,7 +116,7 @@ def save_final_adapter(model, out: Path):
     """<output-dir>/adapter, for eval and PEFT (lora.save_adapter renames each file into place)."""
     try:
         save_adapter(model, str(Path(out) / "adapter"))
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise WriteFailed(f"cannot write {Path(out) / 'adapter'}: {_os_reason(error)}. {_intact_note(out)} "
                           "Free space, then run again with --resume auto to write it") from error
 
@@ -447,7 +448,10 @@ def lock(out: Path, say):
     by a run that ended without releasing it: it is taken over, with a note.
     """
     path = Path(out) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise Refused(f"cannot use {out}: {_os_reason(error)}. Choose a folder this user can write to") from error
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -500,9 +504,11 @@ def _fsync_dir(folder: Path):
         _fsync_file(Path(folder))
 
 
-def _os_reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
+def _os_reason(error: OSError | SafetensorError) -> str:
+    if getattr(error, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error):
         return "no space left on the device"
+    if isinstance(error, SafetensorError):
+        return str(error)
     return f"{error.strerror or error} ({error.filename})" if error.filename else str(error.strerror or error)
 
 

@@ -64,7 +64,8 @@ def main(argv=None) -> int:
             contextlib.redirect_stderr(SafeStream(sys.stderr)):
         try:
             config = settle(parse_args(argv, __doc__))
-            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            with user_errors(f"cannot use --output-dir {config.output_dir}"):
+                Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             with checkpoints.lock(Path(config.output_dir), say):
                 return train(config, stop)
         except (UsageError, Refused, WriteFailed) as error:  # WriteFailed: the disk, not the user
@@ -338,7 +339,7 @@ def user_errors(what: str):
     """Errors about what the user pointed us at (files, hub ids, settings) become one clear UsageError."""
     try:
         yield
-    except (CheckpointError, FileNotFoundError, ValueError) as error:  # CheckpointError is a ValueError
+    except (CheckpointError, OSError, ValueError) as error:  # CheckpointError is a ValueError
         raise UsageError(f"{what}: {error}") from error
 
 

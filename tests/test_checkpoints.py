@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import checkpoints
@@ -350,8 +351,8 @@ def test_a_full_disk_while_saving_is_one_line_and_the_folder_stays_resumable(tas
 
     def full_at_step_3(tensors, path, *args, **kwargs):
         calls.append(path)
-        if ".tmp-checkpoint-3" in path and path.endswith("optimizer.safetensors"):
-            raise OSError(28, "No space left on device", path)
+        if ".tmp-checkpoint-3" in path and path.endswith("optimizer.safetensors"):  # as safetensors says it
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return save_file(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints, "save_file", full_at_step_3)
