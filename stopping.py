@@ -67,6 +67,8 @@ class SafeStream(io.TextIOBase):
         try:
             self.stream.write(text)
             self.stream.flush()
+        except RuntimeError:  # "reentrant call": a signal handler wrote while the stream was mid-write
+            pass
         except (OSError, ValueError):  # BrokenPipeError, EIO; ValueError: the file is closed
             self._to_devnull()
         return len(text)
@@ -74,6 +76,8 @@ class SafeStream(io.TextIOBase):
     def flush(self):
         try:
             self.stream.flush()
+        except RuntimeError:
+            pass
         except (OSError, ValueError):
             self._to_devnull()
 
@@ -94,5 +98,5 @@ class SafeStream(io.TextIOBase):
 
 def say(message: str, error: bool = False):
     """Print above the progress bar; never raises because stdout or stderr has gone away."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: see SafeStream.write
         tqdm.write(message, file=sys.stderr if error else sys.stdout)
