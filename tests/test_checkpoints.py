@@ -220,10 +220,11 @@ def test_any_optimizer_state_round_trips_through_safetensors_and_json(tmp_path, 
     for index, state in original["state"].items():
         assert back["state"][index].keys() == state.keys()
         for name, value in state.items():
+            restored = back["state"][index][name]
             if isinstance(value, torch.Tensor):
-                assert value.dtype == back["state"][index][name].dtype and torch.equal(value, back["state"][index][name])
+                assert value.dtype == restored.dtype and torch.equal(value, restored)
             else:
-                assert type(value) is type(back["state"][index][name]) and value == back["state"][index][name]
+                assert type(value) is type(restored) and value == restored
 
 
 def test_a_resumed_optimizer_continues_exactly_as_the_original(tmp_path):
