@@ -6,7 +6,8 @@
 
 One optimizer step is --grad-accum micro-batches of --micro-batch-size examples; its loss is the mean
 over every answer token of the step, however the step is split. Checkpoints are safetensors + JSON
-in <output-dir>/checkpoint-<step>/; resuming from one reproduces the uninterrupted run exactly.
+in <output-dir>/checkpoint-<step>/, every file checksummed (checkpoints.py); resuming from one
+reproduces the uninterrupted run exactly. Ctrl-C finishes the step, saves, and stops (stopping.py).
 """
 from __future__ import annotations
 
