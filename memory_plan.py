@@ -124,3 +124,38 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
         f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). Lower "
         "--max-seq-len or --micro-batch-size, adapt fewer modules (--targets), pass --embedding-on-cpu and "
         "--optim adamw8bit, or --cuda-graphs off")
+
+
+def fit(config, model_config, resume=None) -> torch.device:
+    """train.py's device; on a GPU, its "auto" settings (--embedding-on-cpu, --optim, --cuda-graphs)
+    settled by the plan, printed, before anything loads. A resumed run keeps its checkpoint's optimizer."""
+    from lora.inject import count_trainable
+    from model.fast import gate
+    if resume is not None and config.optim == "auto":
+        config.optim = resume.state["config"]["optim"]
+    if not torch.cuda.is_available():
+        config.embedding_on_cpu = bool(config.embedding_on_cpu)
+        config.optim = "adamw" if config.optim == "auto" else config.optim
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if gate.bf16_problem(device):
+        raise ValueError(gate.bf16_problem(device))
+    cap_gpu_memory(device)
+    trainable = count_trainable(model_config, targets=config.targets, rank=config.rank)
+    fast = gate.decide(device, config.kernels)
+    # graphs need dropout 0, and torch._grouped_mm where expert adapters run (model/fast/cuda_graph.py)
+    graphs = config.cuda_graphs != "off" and config.dropout == 0 and fast.cuda_graphs and (
+        fast.grouped_mm or not any(t in config.targets for t in ("experts", "gate_up_proj", "down_proj")))
+    if graphs and not config.packing and usable_gib(device) < SMALL_CARD_GIB and config.cuda_graphs == "auto":
+        # right-padded micro-batches come in many shapes, a graph each, and every graph keeps its
+        # memory: measured, they filled 15.58 GiB by step 16 (docs/BENCHMARKS.md). Packed rows: one shape.
+        print(f"no CUDA graphs: padded micro-batches take many shapes, which a card under {SMALL_CARD_GIB} GiB "
+              "cannot hold a graph each for (--packing gives one shape)")
+        graphs = False
+    config.embedding_on_cpu, config.optim, graphs, lines = plan(
+        model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
+        graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast)
+    if not graphs and config.cuda_graphs == "auto":
+        config.cuda_graphs = "off"
+    print("\n".join(lines))
+    return device

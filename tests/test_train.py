@@ -226,9 +226,10 @@ def straight_run(small_task, tmp_path_factory):
 @pytest.mark.slow
 def test_checkpoint_layout_safetensors_and_json_only_last_k_kept(straight_run):
     names = sorted(os.listdir(straight_run))
-    assert names == ["adapter", "checkpoint-12", "checkpoint-8", "metrics.jsonl"]  # 4 was pruned
+    assert names == [".lock", "adapter", "checkpoint-12", "checkpoint-8", "metrics.jsonl"]  # 4 was pruned
+    assert (straight_run / ".lock").read_text() == ""                    # released
     folder = straight_run / "checkpoint-12"
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors",
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors", "manifest.json",
                                           "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["progress"]["step"] == 12 and (state["progress"]["epoch"], state["progress"]["batch"]) == (1, 12)
@@ -302,7 +303,7 @@ def test_a_signal_mid_run_saves_a_loadable_checkpoint_and_resumes_exactly(small_
     monkeypatch.setattr(train, "accumulate", signal_during_step_3)
     assert run(small_task, tmp_path) == 128 + signum
     assert signal.getsignal(signum) is handler_before                    # the handlers are put back
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "metrics.jsonl"]  # the step finished, saved
+    assert sorted(os.listdir(tmp_path)) == [".lock", "checkpoint-3", "metrics.jsonl"]  # the step finished, saved
     model = GptOss(GptOssConfig.from_name("tiny"))
     load_adapter(model, str(tmp_path / "checkpoint-3"))
     assert any(p.abs().sum() > 0 for n, p in lora_parameters(model) if "lora_B" in n)
