@@ -138,16 +138,26 @@ def write_manifest(folder: Path):
 def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state_dict as (every tensor, for safetensors; the rest, for JSON).
 
-    Nothing here knows AdamW: any optimizer whose state holds tensors and plain values (bitsandbytes'
-    AdamW8bit adds qmap/absmax tensors and an int step) is saved and restored whole.
+    Nothing here knows AdamW: any optimizer whose state holds tensors and plain values, nested in dicts
+    (bitsandbytes' AdamW8bit keeps its 8-bit moments, qmaps and absmax in a dict of its own beside an
+    int step), is saved and restored whole. A tensor's key is its path: state.<index>.<name>[.<name>...].
     """
     tensors, other = {}, {}
+
+    def walk(value, path: list[str]):
+        if isinstance(value, torch.Tensor):
+            tensors[".".join(["state", *path])] = value.detach().cpu().contiguous()
+            return None
+        if isinstance(value, dict) and any(isinstance(v, (torch.Tensor, dict)) for v in value.values()):
+            kept = {k: walk(v, [*path, str(k)]) for k, v in value.items()}
+            return {k: v for k, v in kept.items() if v is not None} or None
+        return _to_json(value, "optimizer state " + ".".join(path))
+
     for index, state in state_dict["state"].items():
         for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                other.setdefault(str(index), {})[name] = _to_json(value, f"optimizer state {index}.{name}")
+            kept = walk(value, [str(index), name])
+            if kept is not None:
+                other.setdefault(str(index), {})[name] = kept
     return tensors, {"state": other, "param_groups": _to_json(state_dict["param_groups"], "param_groups")}
 
 
@@ -155,8 +165,11 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], other: dict) -> dict:
     """The inverse of split_optimizer_state: a state_dict for optimizer.load_state_dict."""
     state: dict[int, dict] = {int(i): {k: _from_json(v) for k, v in s.items()} for i, s in other["state"].items()}
     for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        _, index, *names = key.split(".")
+        place = state.setdefault(int(index), {})
+        for name in names[:-1]:
+            place = place.setdefault(name, {})
+        place[names[-1]] = value
     return {"state": state, "param_groups": _from_json(other["param_groups"])}
 
 
@@ -471,6 +484,15 @@ def lock(out: Path, say):
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # empty: released cleanly (a pid left here means the run died)
         os.close(fd)  # closing drops the flock
+
+
+def remove_if_only_lock(out: Path):
+    """Remove a folder this run made that holds nothing but its (released) lock: a run stopped by a
+    mistake before training leaves nothing on disk."""
+    out = Path(out)
+    if out.is_dir() and [p.name for p in out.iterdir()] == [".lock"]:
+        (out / ".lock").unlink()
+        out.rmdir()
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -69,7 +69,7 @@ NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in
 def main(argv=None) -> int:
     """The command line around a run: signals, stdout/stderr that may close, the folder's lock, and one
     clear line (never a traceback) for every way a run can end early. Returns the exit code."""
-    config = None
+    config, made = None, False
     # Growable segments instead of fixed blocks: far less memory lost between blocks on a small card
     # (read when CUDA first allocates; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -77,12 +77,16 @@ def main(argv=None) -> int:
             contextlib.redirect_stderr(SafeStream(sys.stderr)):
         try:
             config = settle(parse_args(argv, __doc__))
+            out = Path(config.output_dir)
+            made = not out.exists()   # a run that stops on a mistake before training leaves nothing behind
             with user_errors(f"cannot use --output-dir {config.output_dir}"):
-                Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            with checkpoints.lock(Path(config.output_dir), say):
+                out.mkdir(parents=True, exist_ok=True)
+            with checkpoints.lock(out, say):
                 return train(config, stop)
         except (UsageError, Refused, WriteFailed) as error:  # WriteFailed: the disk, not the user
             say(f"error: {error}", error=True)
+            if config is not None and made and isinstance(error, UsageError):
+                checkpoints.remove_if_only_lock(out)
             return 1 if isinstance(error, WriteFailed) else 2
         except Interrupted as stopped:  # before the loop: every write so far was atomic
             say(f"{stopped}: stopped while starting, before any training step", error=True)

@@ -336,9 +336,9 @@ def test_a_signal_during_a_save_is_named_by_the_checkpoint_written_after_it(task
 def test_a_signal_after_the_loop_is_ignored(task, tmp_path, monkeypatch):
     save_final_adapter = checkpoints.save_final_adapter
 
-    def signal_then_save(model, out):
+    def signal_then_save(model, out, base=None):
         signal.raise_signal(signal.SIGINT)
-        save_final_adapter(model, out)
+        save_final_adapter(model, out, base)
 
     monkeypatch.setattr(checkpoints, "save_final_adapter", signal_then_save)
     assert run(task, tmp_path, "--max-steps", "1") == 0

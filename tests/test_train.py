@@ -453,7 +453,8 @@ def test_help_shows_every_default_without_importing_torch():
     assert starts == sorted(starts)
     for flag, start, end in zip(flags, starts, starts[1:] + [len(help_text)]):
         assert "default" in help_text[start:end].lower(), (flag, help_text[start:end])
-    assert train.MAX_SEQ_LEN == train.TrainConfig().max_seq_len == MAX_LEN  # the literal --help shows
+    assert train.MAX_SEQ_LEN == MAX_LEN                                  # the literal --help shows
+    assert train.settle(train.TrainConfig(model="tiny", output_dir="x")).max_seq_len == train.TINY_SEQ_LEN
 
 
 @pytest.mark.slow
@@ -532,3 +533,13 @@ def test_tiny_model_learns_a_separable_task_to_f1_0_9(tmp_path):
     final = metrics(tmp_path / "out", "eval")[-1]
     assert final["step"] == 48 and final["n"] == 32
     assert final["f1"] >= 0.9, final
+
+
+@pytest.mark.slow
+def test_resume_with_8bit_adamw_is_bit_identical(small_task, tmp_path):
+    """bitsandbytes' AdamW8bit keeps its moments in a nested dict beside an int step: checkpoints save and
+    restore that state whole, and a resumed run equals the straight one."""
+    assert run(small_task, tmp_path / "straight", "--optim", "adamw8bit", "--max-steps", "4") == 0
+    assert run(small_task, tmp_path / "resumed", "--optim", "adamw8bit", "--max-steps", "2") == 0
+    assert run(small_task, tmp_path / "resumed", "--optim", "adamw8bit", "--max-steps", "4", "--resume", "auto") == 0
+    assert_same_tensors(adapter(tmp_path / "resumed" / "adapter"), adapter(tmp_path / "straight" / "adapter"))
