@@ -250,6 +250,7 @@ def train(config: TrainConfig, stop: StopSignals) -> int:
                                         adapter_base(config))
                 checkpoints.prune(out, config.keep_last, keep={progress["best"]["step"]} if progress["best"] else set())
             if stopping:
+                bar.close()  # the bar's last line before the message, which is then the last word
                 say(f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in {path}. "
                     "Continue with --resume auto", error=True)
                 return 128 + stop.signum

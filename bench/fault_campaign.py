@@ -167,7 +167,7 @@ def second_run(task, work, reference, rng):
 def sigint_at_start(task, work, reference, rng):
     out = work / "run"
     proc = child(task, out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(rng.uniform(0.0, 6.0))  # while Python starts, torch imports, the model is built
+    time.sleep(rng.uniform(0.0, 2.5))  # while Python starts, torch imports, the model is built (~3 s in all)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
     if "Traceback" in err:
