@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from train_config import UsageError
+
 # A rank that waits longer than this for the others (one crashed, or hangs) fails with an error
 # instead of hanging; torchrun then stops every rank. Long enough for rank 0's evaluation and saves.
 TIMEOUT = datetime.timedelta(minutes=10)
@@ -86,12 +88,21 @@ class World:
     @contextlib.contextmanager
     def rank0_first(self):
         """Rank 0 runs the block before the others do (it writes what they then read: data, a damaged
-        checkpoint set aside). If rank 0 fails inside, torchrun stops the waiting ranks."""
-        if not self.main:
-            self.barrier()
-        yield
-        if self.main:
-            self.barrier()
+        checkpoint set aside). If it fails there, it says why and the others stop with one line too."""
+        if self.size == 1:
+            yield
+        elif self.main:
+            try:
+                yield
+            except BaseException:
+                self.from_rank0(False)
+                raise
+            self.from_rank0(True)
+        elif not self.from_rank0(None):
+            raise UsageError(f"rank {self.rank}: rank 0 stopped while starting (its message says why); "
+                             "every rank stops")
+        else:
+            yield
 
 
 def start() -> World:

@@ -122,7 +122,8 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
     wanted = {k: v for k, v in distributed.global_config(dataclasses.asdict(config), world).items()
               if k not in FREE_ON_RESUME and v != "auto"}
     with world.rank0_first():  # rank 0 cleans up and sets damaged checkpoints aside; the others see the result
-        checkpoints.clean_leftovers(out, say) if world.main else None
+        if world.main:
+            checkpoints.clean_leftovers(out, say)
         resume = checkpoints.choose(out, config.resume, wanted, say)  # before the slow loading: fail at once
     with user_errors(f"cannot load the model {config.model!r}"):   # (a hub id: its config.json only)
         model_config = GptOssConfig.from_name("tiny") if config.model == "tiny" else \

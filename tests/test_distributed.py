@@ -105,6 +105,10 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch
     result = train_py(tmp_path, task, "--grad-accum", "2", "--max-steps", "1", ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    # a mistake found by rank 0 (checkpoints there, no --resume): its message, and one line from rank 1
+    mistake = train_py(tmp_path, task, "--grad-accum", "2", ranks=2)
+    assert mistake.returncode != 0 and "already holds checkpoints (checkpoint-1)" in mistake.stderr
+    assert "rank 1: rank 0 stopped while starting" in mistake.stderr and "[rank1]" not in mistake.stderr
     # another global batch is another run: refused, saying which setting differs
     refused = train_py(tmp_path, task, "--grad-accum", "2", "--resume", "auto")
     assert refused.returncode == 2 and "--grad-accum: 4 in the checkpoint, 2 now" in refused.stderr
