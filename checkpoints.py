@@ -28,6 +28,8 @@ import math
 import os
 import re
 import shutil
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -408,6 +410,16 @@ def append_metrics(metrics_path: Path, record: dict):
         raise WriteFailed(f"cannot append to {metrics_path}: {_os_reason(error)}. "
                           f"{_intact_note(Path(metrics_path).parent)} Free space, then continue with --resume auto") \
             from error
+
+
+def log(metrics_path: Path, record: dict, started: float):
+    """Append one JSON line to metrics.jsonl, stamped with the time (UTC) and the seconds since `started`
+    (a time.monotonic() of this run's start; a resumed run counts from its own start). None: not rank 0."""
+    if metrics_path is None:
+        return
+    stamp = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "elapsed": round(time.monotonic() - started, 3)}
+    append_metrics(metrics_path, {**record, **stamp})
 
 
 def keep_metrics(metrics_path: Path, until_step: int | None, say) -> list[dict]:

@@ -34,11 +34,10 @@ import contextlib  # noqa: E402 (the handlers above come first)
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from train_config import (DEFAULT_DATA, FREE_ON_RESUME, MAX_SEQ_LEN, TINY_SEQ_LEN, TrainConfig,  # noqa: E402
-                          UsageError, check, parse_args)
+                          UsageError, check, learning_rate, parse_args)
 
 if __name__ == "__main__":  # --help and malformed flags are answered before torch is imported (seconds)
     parse_args(sys.argv[1:], __doc__)
@@ -47,7 +46,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import checkpoints  # noqa: E402
-from checkpoints import Refused, WriteFailed  # noqa: E402
+import distributed  # noqa: E402
+from checkpoints import Refused, WriteFailed, log  # noqa: E402
 from data import batch_order, load_tokenizer, make_batches, pack_rows, special_id, tiny_tokenizer  # noqa: E402
 from data.splits import load_splits  # noqa: E402
 from eval import evaluate, format_table  # noqa: E402
@@ -69,20 +69,20 @@ NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in
 def main(argv=None) -> int:
     """The command line around a run: signals, stdout/stderr that may close, the folder's lock, and one
     clear line (never a traceback) for every way a run can end early. Returns the exit code."""
-    config, made = None, False
+    config, made, world = None, False, distributed.start()  # torchrun's ranks, or one process
     # Growable segments instead of fixed blocks: far less memory lost between blocks on a small card
     # (read when CUDA first allocates; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    with StopSignals() as stop, contextlib.redirect_stdout(SafeStream(sys.stdout)), \
-            contextlib.redirect_stderr(SafeStream(sys.stderr)):
+    stdout = SafeStream(sys.stdout) if world.main else open(os.devnull, "w")  # rank 0 alone prints; all say errors
+    with StopSignals() as stop, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(SafeStream(sys.stderr)):
         try:
             config = settle(parse_args(argv, __doc__))
             out = Path(config.output_dir)
-            made = not out.exists()   # a run that stops on a mistake before training leaves nothing behind
+            made = world.main and not out.exists()   # a run that stops on a mistake leaves nothing behind
             with user_errors(f"cannot use --output-dir {config.output_dir}"):
                 out.mkdir(parents=True, exist_ok=True)
-            with checkpoints.lock(out, say):
-                return train(config, stop)
+            with checkpoints.lock(out, say) if world.main else contextlib.nullcontext():
+                return train(config, stop, world)
         except (UsageError, Refused, WriteFailed) as error:  # WriteFailed: the disk, not the user
             say(f"error: {error}", error=True)
             if config is not None and made and isinstance(error, UsageError):
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
             where = f" in {config.output_dir}" if config else ""
             say(f"interrupted; nothing saved since the last checkpoint{where}", error=True)
             return 130
+        finally:
+            distributed.finish(world)
 
 
 def settle(config: TrainConfig) -> TrainConfig:
@@ -112,20 +114,25 @@ def settle(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, stop: StopSignals) -> int:
+def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> int:
     """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
     started = time.monotonic()  # metrics.jsonl's "elapsed" counts from here
-    out = Path(config.output_dir)
-    checkpoints.clean_leftovers(out, say)
+    out, accum = Path(config.output_dir), config.grad_accum * world.size  # micro-batches a step, all ranks
     # ("auto" settings are the checkpoint's to decide: the memory plan below reads them from it)
-    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and v != "auto"}
-    resume = checkpoints.choose(out, config.resume, wanted, say)  # before the slow loading: fail at once
+    wanted = {k: v for k, v in distributed.global_config(dataclasses.asdict(config), world).items()
+              if k not in FREE_ON_RESUME and v != "auto"}
+    with world.rank0_first():  # rank 0 cleans up and sets damaged checkpoints aside; the others see the result
+        if world.main:
+            checkpoints.clean_leftovers(out, say)
+        resume = checkpoints.choose(out, config.resume, wanted, say)  # before the slow loading: fail at once
     with user_errors(f"cannot load the model {config.model!r}"):   # (a hub id: its config.json only)
         model_config = GptOssConfig.from_name("tiny") if config.model == "tiny" else \
             GptOssConfig.from_pretrained(config.model)
     with user_errors("cannot plan the GPU memory"):
         device = fit(config, model_config, resume)
-    compute = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME}
+    saved = distributed.global_config(dataclasses.asdict(config), world) | ({"world_size": world.size}
+                                                                          if world.size > 1 else {})
+    compute = {k: v for k, v in saved.items() if k not in FREE_ON_RESUME and k != "world_size"}
 
     # --- the model: frozen base (NF4 on GPU), then the adapter
     torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
@@ -146,12 +153,12 @@ def train(config: TrainConfig, stop: StopSignals) -> int:
     graphed = step_path(model, params, config.cuda_graphs, model.fast_paths)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
-    with user_errors(f"cannot use the data {config.data!r}"):
+    with user_errors(f"cannot use the data {config.data!r}"), world.rank0_first():  # rank 0 prepares it
         train_set, val_set, fingerprint = load_splits(config.data, config.output_dir, tokenizer, config.max_seq_len,
                                                       config.n_examples, config.seed, config.prompt_column,
                                                       config.label_column)
     pad_id = special_id(tokenizer, "<|endoftext|>")
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.micro_batch_size) / config.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.micro_batch_size) / accum)
     total_steps = config.epochs * steps_per_epoch
     identity = checkpoints.run_identity(compute, fingerprint)
 
@@ -168,30 +175,32 @@ def train(config: TrainConfig, stop: StopSignals) -> int:
         progress = checkpoints.restore(resume, model, optimizer, identity, total_steps)
         say(f"resumed from {resume.folder}: step {progress['step']} of {total_steps}, epoch "
             f"{progress['epoch']}, batch {progress['batch']}")
-    metrics_path = out / "metrics.jsonl"
-    logged = checkpoints.keep_metrics(metrics_path, resume and resume.step, say)
+    metrics_path = out / "metrics.jsonl" if world.main else None  # rank 0 alone logs
+    logged = world.from_rank0(metrics_path and checkpoints.keep_metrics(metrics_path, resume and resume.step, say))
     # the evaluation of the checkpoint's step, when it was logged: a finished run is not evaluated twice
     metrics = next((r for r in logged if r["kind"] == "eval" and r["step"] == progress["step"] > 0), None)
     if resume is None and config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
         progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path,
                                                     started)
-    print(f"{len(train_set)} training examples, {config.micro_batch_size} x {config.grad_accum} per step: "
+    print(f"{len(train_set)} training examples, {config.micro_batch_size} x {accum} per step: "
           f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
 
     # --- the loop
     stop.phase = "loop"  # from here a signal finishes the step, saves a checkpoint, and stops
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
+               disable=not world.main)
     model.train()
     try:
         for epoch, next_batch, micro_batches in optimizer_steps(train_set, config, pad_id,
-                                                                progress["epoch"], progress["batch"]):
+                                                                progress["epoch"], progress["batch"], accum):
             if config.max_steps and progress["step"] >= config.max_steps:
                 break
             start = time.perf_counter()
             lr = learning_rate(progress["step"], total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, target_tokens = accumulate(model, micro_batches, graphed)
+            loss, target_tokens = accumulate(model, world.share(micro_batches), graphed, count_targets(micro_batches))
+            loss = world.sum_step(params, loss)  # the adapter's gradients and the loss over the ranks: once a step
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
             if finite:
@@ -243,17 +252,20 @@ def train(config: TrainConfig, stop: StopSignals) -> int:
                                            metrics_path, started)
                 if config.eval_every and (best is None or metrics["f1"] > best["f1"]):
                     progress["best"] = {"step": step, "f1": metrics["f1"]}  # its checkpoint is kept
-            stopping = stop.signum is not None  # read once: what is saved and what is said agree
-            if (config.save_every and step % config.save_every == 0) or last or stopping \
+            # read once, and agreed by the ranks: what is saved and what is said agree, all stop at one step
+            signum = world.max(stop.signum or 0)
+            if (config.save_every and step % config.save_every == 0) or last or signum \
                     or progress["best"] is not best:
-                path = checkpoints.save(out, model, optimizer, progress, dataclasses.asdict(config), identity,
-                                        adapter_base(config))
-                checkpoints.prune(out, config.keep_last, keep={progress["best"]["step"]} if progress["best"] else set())
-            if stopping:
+                path = checkpoints.checkpoint_path(out, step)
+                if world.main:
+                    path = checkpoints.save(out, model, optimizer, progress, saved, identity, adapter_base(config))
+                    checkpoints.prune(out, config.keep_last, keep={progress["best"]["step"]} if progress["best"] else set())
+                world.barrier()  # the other ranks wait while rank 0 writes
+            if signum:
                 bar.close()  # the bar's last line before the message, which is then the last word
-                say(f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in {path}. "
+                say(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {path}. "
                     "Continue with --resume auto", error=True)
-                return 128 + stop.signum
+                return 128 + signum
             if last:
                 break
     finally:
@@ -265,7 +277,8 @@ def train(config: TrainConfig, stop: StopSignals) -> int:
         metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path,
                                    started)
     stop.phase = "done"  # the run is finishing anyway: signals are ignored from here
-    checkpoints.save_final_adapter(model, out, adapter_base(config))
+    if world.main:
+        checkpoints.save_final_adapter(model, out, adapter_base(config))
     say(f"done: {step} of {total_steps} steps ({progress['skipped_steps']} skipped), validation F1 "
         f"{metrics['f1']:.4f}; adapter in {out / 'adapter'}, checkpoint in {checkpoints.checkpoint_path(out, step)}")
     if best is not None:
@@ -292,7 +305,8 @@ def step_path(model, params, cuda_graphs: str, fast: gate.FastPaths) -> GraphedS
     return GraphedStep(model, params, fast)
 
 
-def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tuple[torch.Tensor, int]:
+def accumulate(model, micro_batches, graphed: GraphedStep | None = None, step_tokens: int | None = None
+               ) -> tuple[torch.Tensor, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss, target tokens).
 
     Each micro-batch's summed loss is divided by the target-token count of the WHOLE step, so the
@@ -300,9 +314,9 @@ def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tupl
     gives the same update as micro-batch 4 x accumulation 1, however many tokens each example has.
     With `graphed`, each micro-batch is a CUDA graph replay that adds the same gradient. A packed
     micro-batch (data.PackedRows) also carries its document ids and positions, passed on as they are.
+    step_tokens: the whole step's target tokens, where micro_batches are one rank's share of the step.
     """
-    # labels are not shifted: position i predicts labels[i + 1], so the targets are labels[:, 1:]
-    step_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, *_ in micro_batches)
+    step_tokens = count_targets(micro_batches) if step_tokens is None else step_tokens
     assert step_tokens > 0, "a step without a single target token: every answer was masked"
     loss_sum = 0.0
     for input_ids, labels, *packed in micro_batches:  # (batch, seq) each; packed: (doc_ids, positions) or ()
@@ -315,16 +329,13 @@ def accumulate(model, micro_batches, graphed: GraphedStep | None = None) -> tupl
     return loss_sum / step_tokens, step_tokens
 
 
-def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
-    """The learning rate of 0-based optimizer step `step`: linear warm-up, then cosine to min_lr_ratio * lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+def count_targets(micro_batches) -> int:
+    """The answer tokens the micro-batches' loss is over (labels are not shifted: position i predicts
+    labels[i + 1], so the targets are labels[:, 1:])."""
+    return sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, *_ in micro_batches)
 
 
-def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, batch: int):
+def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, batch: int, accum: int | None = None):
     """(epoch, index of the next micro-batch, micro-batches) of each optimizer step from (epoch, batch) on.
 
     An epoch's batches depend only on (seed, epoch), so a resumed run rebuilds them and skips those
@@ -333,14 +344,16 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
     --max-seq-len (data.pack), one row a micro-batch; the packing is a pure function of those examples,
     so the data position (epoch, batch) still says all a resumed run needs, and --micro-batch-size
     counts examples, of which micro-batch-size x grad-accum make a step, as without packing.
+    accum: micro-batches a step over all ranks (default --grad-accum: one rank); the batch index is global.
     """
+    accum = accum or config.grad_accum
     for e in range(epoch, config.epochs):
         if not config.packing:
             batches = make_batches(train_set, config.micro_batch_size, config.seed, e, pad_id)
         else:
             batches = batch_order([len(ids) for ids, *_ in train_set], config.micro_batch_size, config.seed, e)
-        for first in range(batch if e == epoch else 0, len(batches), config.grad_accum):
-            chunk = batches[first:first + config.grad_accum]
+        for first in range(batch if e == epoch else 0, len(batches), accum):
+            chunk = batches[first:first + accum]
             if config.packing:
                 yield e, first + len(chunk), pack_rows([train_set[i] for group in chunk for i in group],
                                                        config.max_seq_len, pad_id)
@@ -352,8 +365,9 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, base: dict | None,
                      metrics_path: Path, started: float) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
+    # every rank scores the whole split (the same bits: the same adapter); rank 0 (metrics_path) shows and logs it
     metrics = evaluate(model, tokenizer, val_set, batch_size=1 if config.packing else config.eval_batch_size,
-                       threshold=config.threshold, max_len=config.max_seq_len, progress=True,
+                       threshold=config.threshold, max_len=config.max_seq_len, progress=metrics_path is not None,
                        pack_len=config.max_seq_len if config.packing else None)
     name = "base" if step == 0 and base is None else f"step {step}"
     columns = {name: metrics}
@@ -362,15 +376,6 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
     say(f"validation ({len(val_set)} examples) at step {step}:\n{format_table(columns)}")
     log(metrics_path, {"kind": "eval", "step": step, **metrics}, started)
     return metrics
-
-
-def log(metrics_path: Path, record: dict, started: float):
-    """Append one JSON line to metrics.jsonl, stamped with the time (UTC) and the seconds since `started`
-    (a time.monotonic() of this run's start; a resumed run counts from its own start)."""
-    stamp = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "elapsed": round(time.monotonic() - started, 3)}
-    checkpoints.append_metrics(metrics_path, {**record, **stamp})
-
 
 
 # ----------------------------------------------------------------------------- data

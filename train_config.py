@@ -156,3 +156,12 @@ def check(config: TrainConfig):
                         "another --output-dir")
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate of 0-based optimizer step `step`: linear warm-up, then cosine to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)

@@ -293,11 +293,11 @@ def test_a_signal_mid_run_saves_a_loadable_checkpoint_and_resumes_exactly(small_
                                                                           monkeypatch, signum):
     accumulate, calls = train.accumulate, []
 
-    def signal_during_step_3(model, micro_batches, graphed):
+    def signal_during_step_3(model, micro_batches, graphed, step_tokens):
         calls.append(1)
         if len(calls) == 3:
             signal.raise_signal(signum)  # as `kill` would, in the middle of the step
-        return accumulate(model, micro_batches, graphed)
+        return accumulate(model, micro_batches, graphed, step_tokens)
 
     handler_before = signal.getsignal(signum)
     monkeypatch.setattr(train, "accumulate", signal_during_step_3)
@@ -325,7 +325,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(small_task, tmp_p
         return loss, n
 
     # one bad step: skipped (no update, not counted by AdamW), logged, and the run goes on
-    monkeypatch.setattr(train, "accumulate", lambda m, b, graphed: poison(m, b, (2, 2)))
+    monkeypatch.setattr(train, "accumulate", lambda m, b, graphed, step_tokens: poison(m, b, (2, 2)))
     assert run(small_task, tmp_path / "one", "--epochs", "1") == 0
     records = metrics(tmp_path / "one", "train")
     assert [r["skipped"] for r in records] == [False, True] + [False] * 4
@@ -334,7 +334,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(small_task, tmp_p
 
     # --max-bad-steps in a row: a clear message, exit code 1, no new checkpoint
     calls.clear()
-    monkeypatch.setattr(train, "accumulate", lambda m, b, graphed: poison(m, b, (5, 99)))
+    monkeypatch.setattr(train, "accumulate", lambda m, b, graphed, step_tokens: poison(m, b, (5, 99)))
     assert run(small_task, tmp_path / "many", "--max-bad-steps", "3") == 1
     assert "3 steps in a row had a non-finite loss or gradient" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "many").glob("checkpoint-*")) == ["checkpoint-4"]
