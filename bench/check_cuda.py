@@ -77,7 +77,7 @@ def main():
             p.normal_(0, 0.02)
     mlp_b = mlp_b.to(torch.bfloat16)
     xb = torch.randn(1, 2048, 2880, device=dev, dtype=torch.bfloat16).requires_grad_()
-    out, (gx,) = grads(mlp_b, (xb,))
+    out, (gx,) = grads(lambda a: mlp_b(a, gate.decide("cuda")), (xb,))
     ref_out, (gref,) = grads(lambda a: moe_reference(mlp_b, a), (xb,))
     print(f"grouped experts vs per-expert loop, both bf16: out rel {rel(out, ref_out):.2e}, grad rel {rel(gx, gref):.2e}")
 
@@ -103,7 +103,7 @@ def main():
             dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
             dense.down_proj_bias.copy_(ex.down_proj_bias)
         do, (dg, dwg) = grads(lambda a, b: dense(a, b, idx), (xt.clone().requires_grad_(), w.clone().requires_grad_()))
-        no, (ng, nwg) = grads(lambda a, b: nf4(a, b, idx), (xt.clone().requires_grad_(), w.clone().requires_grad_()))
+        no, (ng, nwg) = grads(lambda a, b: nf4(a, b, idx, gate.decide("cuda")), (xt.clone().requires_grad_(), w.clone().requires_grad_()))
         path = "_NF4ExpertLayer" if group == cfg.num_local_experts else "dequantise, then _grouped_mm"
         print(f"NF4 experts group={group} ({path}) vs dense on dequantised weights: out rel {rel(no, do):.2e}, "
               f"grad rel x {rel(ng, dg):.2e}, routing weights {rel(nwg, dwg):.2e}")
