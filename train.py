@@ -141,7 +141,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
         tokenizer = tiny_tokenizer()
     else:
         with user_errors(f"cannot load the model {config.model!r}"):
-            model = load_model(config.model, quantize="nf4", device="cuda", dtype=torch.bfloat16,
+            model = load_model(config.model, quantize="nf4", device=device, dtype=torch.bfloat16,
                                embedding_device="cpu" if config.embedding_on_cpu else None)
             tokenizer = load_tokenizer(config.model)
     model.gradient_checkpointing = config.gradient_checkpointing
