@@ -4,7 +4,7 @@ Reports load time and memory, then per sequence length (micro-batch 1, LoRA rank
 gradient checkpointing): tokens/s (median step after warm-up) and peak allocated/reserved GPU memory,
 going up the lengths until one no longer fits (above 16,384 tokens, the median of two timed steps
 after the warm-up, not --steps). Writes JSON to --out. --graphs replays each step's forward and
-backward as a CUDA graph (model/cuda_graph.py); the first step of a length captures it.
+backward as a CUDA graph (model/fast/cuda_graph.py); the first step of a length captures it.
     python bench/make_checkpoint.py /tmp/ck
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --out $OUT/ours.json
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --quick --graphs --out $OUT/graphs.json

@@ -2,7 +2,7 @@
 
 flex attention with sinks vs eager attention; grouped experts (torch._grouped_mm) vs the per-expert
 loop; NF4 experts vs the dense experts holding the dequantised weights. Forward and backward. Then
-the step as CUDA graphs (model/cuda_graph.py) vs the eager step: PASS/FAIL lines, and the exit code
+the step as CUDA graphs (model/fast/cuda_graph.py) vs the eager step: PASS/FAIL lines, and the exit code
 is 1 if one fails.
     python bench/check_cuda.py
 """
