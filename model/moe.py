@@ -119,33 +119,30 @@ def expert_mlp_backward(gate_up, g, w, alpha: float, limit: float):
 def sort_by_expert(idx, num_experts: int):
     """(tokens, k) expert indices -> the (token, expert) pairs sorted by expert, all on idx's device:
     order (indices into idx.reshape(-1), stable), each sorted pair's expert, the pairs per expert
-    (int64) and their running total (int32, the grouped kernels' offsets)."""
+    (int64), their running total (int32, the grouped kernels' offsets), and the inverse permutation
+    (sorted rows back to (token, slot) order)."""
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # (bincount would read the largest index back to the host: a sync per layer)
     counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
-    return order, flat[order], counts, counts.cumsum(0).to(torch.int32)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return order, flat[order], counts, counts.cumsum(0).to(torch.int32), inverse
 
 
-def inverse_order(order):
-    """The permutation that takes rows in sort_by_expert's order back to (token, slot) order."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-
-
-def sum_per_token(rows, order, k: int):
+def sum_per_token(rows, inverse, k: int):
     """Rows (tokens*k, dim) in sort_by_expert's order -> each token's k rows summed, (tokens, dim).
 
     Gathered back into (token, slot) order and summed over the slots: a fixed order, no atomics.
     """
-    return rows[inverse_order(order)].view(-1, k, rows.shape[-1]).sum(1)
+    return rows[inverse].view(-1, k, rows.shape[-1]).sum(1)
 
 
-def weighted_sum(y, weights, order, x):
+def weighted_sum(y, weights, inverse, x):
     """Each token's expert outputs weighted by its routing weights and summed: y (tokens*k, hidden) in
     sort_by_expert's order, weights (tokens, k) -> (tokens, hidden) like x."""
     k = weights.shape[1]
-    y = y * weights.reshape(-1)[order, None].to(y.dtype)
-    return sum_per_token(y, order, k).to(x.dtype)
+    rows = y[inverse].view(-1, k, y.shape[-1])                 # (tokens, k, hidden): (token, slot) order
+    return (rows * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
 
 class _PairRows(torch.autograd.Function):
@@ -153,19 +150,19 @@ class _PairRows(torch.autograd.Function):
     token's k row gradients in a fixed order (autograd's own would scatter them with atomic adds)."""
 
     @staticmethod
-    def forward(ctx, x, order, k: int):
-        ctx.save_for_backward(order)
+    def forward(ctx, x, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
         ctx.k = k
         return x[order // k]
 
     @staticmethod
     def backward(ctx, dy):
-        (order,) = ctx.saved_tensors
-        return sum_per_token(dy, order, ctx.k), None, None
+        (inverse,) = ctx.saved_tensors
+        return sum_per_token(dy, inverse, ctx.k), None, None, None
 
 
-def pair_rows(x, order, k: int):
-    return _PairRows.apply(x, order, k)
+def pair_rows(x, order, inverse, k: int):
+    return _PairRows.apply(x, order, inverse, k)
 
 
 def use_grouped_kernel(x, fast) -> bool:
@@ -212,14 +209,14 @@ class Experts(nn.Module):
 
         fast: the gate's FastPaths (None: the plain path)."""
         n, k = idx.shape
-        order, expert, counts_t, offsets = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs
+        order, expert, counts_t, offsets, inverse = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
         counts = None if use_grouped_kernel(x, fast) else counts_t.tolist()
         compiled = fast is not None and fast.compiled
-        gate_up = self.gate_up(pair_rows(x, order, k), expert, counts, offsets, fast)
+        gate_up = self.gate_up(pair_rows(x, order, inverse, k), expert, counts, offsets, fast)
         h = swiglu(gate_up, self.alpha, self.limit, compiled=compiled)
         y = self.down(h, expert, counts, offsets, fast)         # (tokens*k, hidden)
-        return weighted_sum(y, weights, order, x)
+        return weighted_sum(y, weights, inverse, x)
 
 
 class MLP(nn.Module):

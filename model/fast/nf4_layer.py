@@ -11,7 +11,7 @@ import torch
 
 from . import nf4_gemm
 from .recompute import in_recomputation
-from ..moe import expert_mlp_backward, inverse_order, sort_by_expert, sum_per_token, weighted_sum
+from ..moe import expert_mlp_backward, sort_by_expert, sum_per_token, weighted_sum
 
 
 def kernels_run(x, fast) -> bool:
@@ -64,13 +64,13 @@ class _NF4ExpertLayer(torch.autograd.Function):
     def forward(ctx, x, weights, idx, layer, compiled: bool):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
-        order, _, _, offsets = sort_by_expert(idx, layer.num_experts)
+        order, _, _, offsets, inverse = sort_by_expert(idx, layer.num_experts)
         gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
         keep = any(ctx.needs_input_grad[:2])
         y, h = nf4_gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
                                           layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
-            ctx.save_for_backward(y, weights, idx, order, offsets)
+            ctx.save_for_backward(y, weights, idx, order, offsets, inverse)
             ctx.layer, ctx.compiled = layer, compiled
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
@@ -78,14 +78,13 @@ class _NF4ExpertLayer(torch.autograd.Function):
             return torch.full_like(x, float("nan"))
         out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
-        return weighted_sum(out, weights, order, x)
+        return weighted_sum(out, weights, inverse, x)
 
     @staticmethod
     def backward(ctx, d_out):
-        y, weights, idx, order, offsets = ctx.saved_tensors
+        y, weights, idx, order, offsets, inverse = ctx.saved_tensors
         layer, (n, k) = ctx.layer, idx.shape
         gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
-        inverse = inverse_order(order)
         g = nf4_gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
         dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit,
                                      compiled=ctx.compiled)
@@ -93,6 +92,6 @@ class _NF4ExpertLayer(torch.autograd.Function):
         dxs = nf4_gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = sum_per_token(dxs, order, k)
+        dx = sum_per_token(dxs, inverse, k)
         dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
         return dx, dw.to(weights.dtype), None, None, None
