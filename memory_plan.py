@@ -126,9 +126,10 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
         "--optim adamw8bit, or --cuda-graphs off")
 
 
-def fit(config, model_config, resume=None) -> torch.device:
-    """train.py's device; on a GPU, its "auto" settings (--embedding-on-cpu, --optim, --cuda-graphs)
-    settled by the plan, printed, before anything loads. A resumed run keeps its checkpoint's optimizer."""
+def fit(config, model_config, resume=None):
+    """train.py's device and the gate's fast paths on it; on a GPU, its "auto" settings
+    (--embedding-on-cpu, --optim, --cuda-graphs) settled by the plan, printed, before anything loads.
+    A resumed run keeps its checkpoint's optimizer."""
     from lora.inject import count_trainable
     from model.fast import gate
     if resume is not None and config.optim == "auto":
@@ -136,7 +137,7 @@ def fit(config, model_config, resume=None) -> torch.device:
     if not torch.cuda.is_available():
         config.embedding_on_cpu = bool(config.embedding_on_cpu)
         config.optim = "adamw" if config.optim == "auto" else config.optim
-        return torch.device("cpu")
+        return torch.device("cpu"), gate.decide("cpu", config.kernels)
     device = torch.device("cuda", torch.cuda.current_device())
     if gate.bf16_problem(device):
         raise ValueError(gate.bf16_problem(device))
@@ -158,4 +159,4 @@ def fit(config, model_config, resume=None) -> torch.device:
     if not graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"
     print("\n".join(lines))
-    return device
+    return device, fast

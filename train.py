@@ -129,7 +129,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
         model_config = GptOssConfig.from_name("tiny") if config.model == "tiny" else \
             GptOssConfig.from_pretrained(config.model)
     with user_errors("cannot plan the GPU memory"):
-        device = fit(config, model_config, resume)
+        device, fast = fit(config, model_config, resume)
     saved = distributed.global_config(dataclasses.asdict(config), world) | ({"world_size": world.size}
                                                                           if world.size > 1 else {})
     compute = {k: v for k, v in saved.items() if k not in FREE_ON_RESUME and k != "world_size"}
@@ -148,9 +148,9 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
     with user_errors("cannot put LoRA into the model"):
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
     params = [p for _, p in lora_parameters(model)]
-    model.fast_paths = gate.decide(device, config.kernels)
-    print(f"fast paths on {device}:\n{model.fast_paths.describe()}")
-    graphed = step_path(model, params, config.cuda_graphs, model.fast_paths)
+    model.fast_paths = fast
+    print(f"fast paths on {device}:\n{fast.describe()}")
+    graphed = step_path(model, params, config.cuda_graphs, fast)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks
     with user_errors(f"cannot use the data {config.data!r}"), world.rank0_first():  # rank 0 prepares it

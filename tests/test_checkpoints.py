@@ -20,15 +20,7 @@ from safetensors.torch import load_file
 import checkpoints
 import train
 from data.synthetic import write_synthetic
-from test_train import ROOT, adapter, assert_same_tensors, metrics
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_cpu_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+from test_train import ROOT, adapter, assert_same_tensors, metrics, two_cpu_threads  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")
