@@ -221,10 +221,10 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
             # log
             record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
                       "grad_norm": grad_norm.item(), "target_tokens": target_tokens, "tokens": tokens,
-                      "tokens_per_second": tokens / seconds, "skipped": not finite,
-                      "skipped_steps": progress["skipped_steps"]}
+                      "row_tokens": sum(ids.numel() for ids, *_ in micro_batches),  # padding included
+                      "tokens_per_second": tokens / seconds, "skipped": not finite, "skipped_steps": progress["skipped_steps"]}
             postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / seconds:.0f}"}
-            if device.type == "cuda":
+            if device.type == "cuda":                                    # (peak: the whole run's so far)
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
             if graphed is not None:
                 postfix["graphs"] = graphed.captures
