@@ -41,7 +41,7 @@ def main():
     p.add_argument("--row", type=int, default=4096, help="packed: row length (train.py's --max-seq-len)")
     p.add_argument("--rows", default="1,4", help="packed: rows a forward, each timed")
     args = p.parse_args()
-    cap = cap_gpu_memory(torch.device("cuda"))
+    cap = cap_gpu_memory(torch.device("cuda", torch.cuda.current_device()))
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", dtype=torch.bfloat16)
     model.fast_paths = gate.decide("cuda")
     model.eval()
