@@ -81,6 +81,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, items: list) -> list[list]:
+        """Every rank's `items` (picklable), in rank order, on every rank: [items] on one rank."""
+        if self.size == 1:
+            return [items]
+        parts = [None] * self.size
+        dist.all_gather_object(parts, items)
+        return parts
+
     def barrier(self):
         if self.size > 1:
             dist.barrier()

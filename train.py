@@ -36,8 +36,8 @@ import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from train_config import (DEFAULT_DATA, FREE_ON_RESUME, MAX_SEQ_LEN, TINY_SEQ_LEN, TrainConfig,  # noqa: E402
-                          UsageError, check, learning_rate, parse_args)
+from train_config import (FREE_ON_RESUME, TrainConfig, UsageError, check, learning_rate, parse_args,  # noqa: E402
+                          with_defaults)
 
 if __name__ == "__main__":  # --help and malformed flags are answered before torch is imported (seconds)
     parse_args(sys.argv[1:], __doc__)
@@ -101,13 +101,7 @@ def main(argv=None) -> int:
 
 def settle(config: TrainConfig) -> TrainConfig:
     """Check the settings, fill in the defaults that depend on others, print the result."""
-    if config.max_seq_len is None:
-        config.max_seq_len = TINY_SEQ_LEN if config.model == "tiny" else MAX_SEQ_LEN
-    check(config)
-    if config.data is None:
-        config.data = "synthetic" if config.model == "tiny" else DEFAULT_DATA
-    if config.alpha is None:
-        config.alpha = float(config.rank)
+    check(with_defaults(config))
     print("config:\n" + "\n".join(f"  {k:<24} {v}" for k, v in dataclasses.asdict(config).items()))
     if config.model != "tiny" and not torch.cuda.is_available():
         raise UsageError(NO_GPU.format(model=config.model))
@@ -181,7 +175,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
     metrics = next((r for r in logged if r["kind"] == "eval" and r["step"] == progress["step"] > 0), None)
     if resume is None and config.eval_base:  # a fresh adapter (B = 0) leaves the base model's outputs unchanged
         progress["base_metrics"] = evaluate_and_log(model, tokenizer, val_set, config, 0, None, metrics_path,
-                                                    started)
+                                                    started, world)
     print(f"{len(train_set)} training examples, {config.micro_batch_size} x {accum} per step: "
           f"{steps_per_epoch} steps per epoch, {total_steps} in all; device {device}")
 
@@ -249,7 +243,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
                 torch.cuda.empty_cache()
             if (config.eval_every and step % config.eval_every == 0) or last:
                 metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"],
-                                           metrics_path, started)
+                                           metrics_path, started, world)
                 if config.eval_every and (best is None or metrics["f1"] > best["f1"]):
                     progress["best"] = {"step": step, "f1": metrics["f1"]}  # its checkpoint is kept
             # read once, and agreed by the ranks: what is saved and what is said agree, all stop at one step
@@ -275,7 +269,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
     step, best = progress["step"], progress["best"]
     if metrics is None:  # resumed at the end of a run whose last evaluation was not logged
         metrics = evaluate_and_log(model, tokenizer, val_set, config, step, progress["base_metrics"], metrics_path,
-                                   started)
+                                   started, world)
     stop.phase = "done"  # the run is finishing anyway: signals are ignored from here
     if world.main:
         checkpoints.save_final_adapter(model, out, adapter_base(config))
@@ -363,12 +357,13 @@ def optimizer_steps(train_set, config: TrainConfig, pad_id: int, epoch: int, bat
 
 # ----------------------------------------------------------------------------- evaluation and logging
 def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, base: dict | None,
-                     metrics_path: Path, started: float) -> dict:
+                     metrics_path: Path, started: float, world: distributed.World) -> dict:
     """Score val.jsonl, print the table (beside the base model's column when there is one), log it."""
-    # every rank scores the whole split (the same bits: the same adapter); rank 0 (metrics_path) shows and logs it
+    # each rank scores its share of the split; rank 0 (metrics_path) shows and logs the gathered metrics
     metrics = evaluate(model, tokenizer, val_set, batch_size=1 if config.packing else config.eval_batch_size,
                        threshold=config.threshold, max_len=config.max_seq_len, progress=metrics_path is not None,
-                       pack_len=config.max_seq_len if config.packing else None)
+                       pack_len=config.max_seq_len if config.packing else None,
+                       max_tokens=config.max_seq_len * config.micro_batch_size, world=world)  # sharded over ranks
     name = "base" if step == 0 and base is None else f"step {step}"
     columns = {name: metrics}
     if base is not None:

@@ -118,6 +118,17 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+def with_defaults(config: TrainConfig) -> TrainConfig:
+    """The defaults that depend on other settings filled in: row length and data by model, alpha by rank."""
+    if config.max_seq_len is None:
+        config.max_seq_len = TINY_SEQ_LEN if config.model == "tiny" else MAX_SEQ_LEN
+    if config.data is None:
+        config.data = "synthetic" if config.model == "tiny" else DEFAULT_DATA
+    if config.alpha is None:
+        config.alpha = float(config.rank)
+    return config
+
+
 def check(config: TrainConfig):
     """Ranges of the settings, all problems in one message."""
     problems = []

@@ -13,13 +13,16 @@ TABLE_ROWS = ("n", "n_jailbreak", "accuracy", "precision", "recall", "f1", "roc_
 
 def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, threshold: float = 0.5,
              generate: bool = False, max_len: int | None = MAX_LEN, max_new_tokens: int = 32,
-             progress: bool = False, pack_len: int | None = None) -> dict:
+             progress: bool = False, pack_len: int | None = None, max_tokens: int | None = None,
+             world=None) -> dict:
     """Metrics of the model on read_split's examples, plus n and timing; flat, JSON-ready.
 
     label_mass is the mean full-vocabulary probability of the two label words (1.0: the model
     answers with nothing else). With generate, also greedy answers: the share that has no parseable
     label word, and the accuracy counting those as wrong. pack_len: score the prompts packed into rows
-    of that many tokens (eval.score.score_rendered).
+    of that many tokens (eval.score.score_rendered). world (train.py's distributed.World): each of its
+    ranks scores every world.size-th prompt, the scores are gathered, and every rank gets the metrics of
+    the whole split.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -27,7 +30,12 @@ def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 8, thresh
     labels = [bool(example["label"]) for example in examples]
     start = time.perf_counter()
     encoded, n_cut = render_prompts(tokenizer, prompts, max_len)   # cut as training cut them
-    scores, raw = score_rendered(model, tokenizer, encoded, batch_size, progress, return_raw=True, pack_len=pack_len)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    mine = score_rendered(model, tokenizer, encoded[rank::size], batch_size, progress, return_raw=True,
+                          pack_len=pack_len, max_tokens=max_tokens)
+    scores, raw = [0.0] * len(encoded), [(0.0, 0.0)] * len(encoded)
+    for r, (part_scores, part_raw) in enumerate(world.gather(mine) if world is not None else [mine]):
+        scores[r::size], raw[r::size] = part_scores, part_raw
     seconds = time.perf_counter() - start
     result = {
         "n": len(examples),

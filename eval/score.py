@@ -17,12 +17,19 @@ from data import (LABELS, MAX_LEN, encode_text, label_token_ids, pack, packed_ro
 from model.loss import IGNORE
 
 
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, so padding is small)."""
+def _batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, so padding is small): at most batch_size
+    prompts, and with max_tokens at most that many tokens padding included (a longer prompt alone)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):   # ascending: i is the batch's longest
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and (max_tokens is None or (len(last) + 1) * lengths[i] <= max_tokens):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @contextlib.contextmanager
@@ -105,8 +112,9 @@ def classify(model, tokenizer, prompts: list[str], threshold: float = 0.5, batch
 
 
 def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int = 8, progress: bool = False,
-                   return_raw: bool = False, pack_len: int | None = None):
-    """`score_examples` of prompts already rendered (`data.render_prompts`).
+                   return_raw: bool = False, pack_len: int | None = None, max_tokens: int | None = None):
+    """`score_examples` of prompts already rendered (`data.render_prompts`). max_tokens: padded batches
+    hold at most that many tokens, padding included (what the GPU was planned for).
 
     With pack_len, the prompts are packed into rows of pack_len tokens, batch_size rows a forward
     (`packed_last_token_logits`); the scores are those of the padded batches, up to rounding.
@@ -118,7 +126,7 @@ def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int =
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     # packed: one pass over all the prompts (rows of many prompts each); padded: batches of similar length
     if pack_len is None:
-        batches = _batches([len(ids) for ids in encoded], batch_size)
+        batches = _batches([len(ids) for ids in encoded], batch_size, max_tokens)
     else:
         batches = [list(range(len(encoded)))] if encoded else []
     with inference_mode(model), tqdm(total=len(encoded), desc="scoring", unit="prompt",

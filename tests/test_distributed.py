@@ -49,6 +49,11 @@ def train_losses(out):
         return [(r["step"], r["loss"], r["target_tokens"]) for r in map(json.loads, f) if r["kind"] == "train"]
 
 
+def evaluations(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("task")
@@ -70,6 +75,7 @@ def test_one_rank_world_passes_everything_through_untouched():
     batches, loss = [1, 2, 3, 4, 5], torch.tensor(2.5)
     assert world.main and world.share(batches) == batches
     assert world.sum_step([], loss) is loss and world.max(15) == 15 and world.from_rank0({"a": 1}) == {"a": 1}
+    assert world.gather([0.5, 0.25]) == [[0.5, 0.25]]
     assert distributed.global_config({"grad_accum": 3, "rank": 8}, world) == {"grad_accum": 3, "rank": 8}
     assert distributed.global_config({"grad_accum": 3}, distributed.World(1, 4)) == {"grad_accum": 12}
     assert distributed.World(1, 2).share(batches) == [2, 4] and not distributed.World(1, 2).main
@@ -94,6 +100,12 @@ def test_two_ranks_x_accumulation_2_equal_one_process_x_accumulation_4(task, one
     assert [(s, n) for s, _, n in two] == [(s, n) for s, _, n in one] and len(one) == 3
     for (_, a, _), (_, b, _) in zip(two, one):
         assert a == pytest.approx(b, rel=1e-6)
+    # evaluation sharded over the ranks and gathered: the whole split's metrics, as one process has them
+    two, one = evaluations(tmp_path), evaluations(one_process)
+    assert [(r["step"], r["n"], r["tp"], r["fp"], r["tn"], r["fn"]) for r in two] == \
+        [(r["step"], r["n"], r["tp"], r["fp"], r["tn"], r["fn"]) for r in one] and one[-1]["n"] == 4
+    for a, b in zip(two, one):
+        assert a["label_mass"] == pytest.approx(b["label_mass"], rel=1e-4)
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert (state["config"]["grad_accum"], state["config"]["world_size"]) == (4, 2)   # the global step
     assert (state["progress"]["epoch"], state["progress"]["batch"]) == (0, 12)        # global micro-batches

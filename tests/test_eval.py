@@ -174,6 +174,24 @@ def test_packed_scoring_equals_the_padded_scores(tiny_model, tok):
                                                                          abs=1e-6)
 
 
+def test_padded_batches_stay_within_a_token_budget_and_score_the_same(tiny_model, tok):
+    """max_tokens bounds a padded forward (prompts x its longest), as the GPU was planned for; a prompt
+    longer than the budget goes alone. Every prompt is scored once, as without the budget."""
+    from data import render_prompts
+    from eval.score import _batches, score_rendered
+    lengths = [5, 100, 7, 60, 3, 90, 40, 300]
+    batches = _batches(lengths, 4, max_tokens=128)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches == [[4, 0, 2], [6, 3], [5], [1], [7]]  # 4 x 40 > 128 closes the first; 300 alone
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
+    assert _batches(lengths, 4) == [[4, 0, 2, 6], [3, 5, 1, 7]]          # no budget: sorted, 4 a batch
+    encoded, _ = render_prompts(tok, PROMPTS + ["hi", PROMPTS[2] * 2], None)
+    budget = 2 * max(len(ids) for ids in encoded)
+    assert score_rendered(tiny_model, tok, encoded, batch_size=8, max_tokens=budget) == \
+        pytest.approx(score_rendered(tiny_model, tok, encoded, batch_size=8), abs=1e-5)
+
+
 def test_scores_come_back_in_the_order_of_the_prompts(tiny_model, tok):
     forward = score_examples(tiny_model, tok, PROMPTS, batch_size=2)
     backward = score_examples(tiny_model, tok, PROMPTS[::-1], batch_size=2)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
+import train_config
 from data import MAX_LEN, encode_split, make_batches, special_id, tiny_tokenizer
 from data.synthetic import write_synthetic
 from lora import inject, load_adapter, lora_parameters
@@ -453,8 +454,8 @@ def test_help_shows_every_default_without_importing_torch():
     assert starts == sorted(starts)
     for flag, start, end in zip(flags, starts, starts[1:] + [len(help_text)]):
         assert "default" in help_text[start:end].lower(), (flag, help_text[start:end])
-    assert train.MAX_SEQ_LEN == MAX_LEN                                  # the literal --help shows
-    assert train.settle(train.TrainConfig(model="tiny", output_dir="x")).max_seq_len == train.TINY_SEQ_LEN
+    assert train_config.MAX_SEQ_LEN == MAX_LEN                                  # the literal --help shows
+    assert train.settle(train.TrainConfig(model="tiny", output_dir="x")).max_seq_len == train_config.TINY_SEQ_LEN
 
 
 @pytest.mark.slow
