@@ -1,6 +1,7 @@
 """Time the evaluation of a validation split packed against padded, as train.py runs it (issue 14).
 
-Padded: `eval_batch_size` prompts a forward, right-padded to the longest. Packed: the prompts packed
+Padded: `eval_batch_size` prompts a forward, right-padded to the longest, at most --row x 2 tokens a
+forward (train.py's bound: --max-seq-len x --micro-batch-size). Packed: the prompts packed
 first-fit decreasing into rows of `--row` tokens, `--rows` rows a forward (train.py takes one), the
 answer read at each document's last position. The first `n` prompts of the split for each n; a
 warm-up evaluation first, so compilation is not timed. Both must give the same scores (bf16: close,
@@ -48,7 +49,7 @@ def main():
     tokenizer = load_tokenizer(args.checkpoint)
     examples = read_split(args.data)
     encoded_all, _ = render_prompts(tokenizer, [e["prompt"] for e in examples], args.row)
-    timed(model, tokenizer, encoded_all[:16], batch_size=args.batch_size)               # warm-up
+    timed(model, tokenizer, encoded_all[:16], batch_size=args.batch_size, max_tokens=2 * args.row)   # warm-up
     for rows in map(int, args.rows.split(",")):
         timed(model, tokenizer, encoded_all[:64], batch_size=rows, pack_len=args.row)
     for n in map(int, args.n.split(",")):
@@ -56,7 +57,7 @@ def main():
             raise SystemExit(f"--n {n}: the split has {len(encoded_all)} prompts")
         encoded = encoded_all[:n]
         tokens = sum(map(len, encoded))
-        padded_s, padded = timed(model, tokenizer, encoded, batch_size=args.batch_size)
+        padded_s, padded = timed(model, tokenizer, encoded, batch_size=args.batch_size, max_tokens=2 * args.row)
         result = {"n": n, "prompt_tokens": tokens, "cap_gib": cap, "padded_s": round(padded_s, 2),
                   "padded_prompts_per_s": round(n / padded_s, 1)}
         for rows in map(int, args.rows.split(",")):
