@@ -52,7 +52,8 @@ def graph_problem(model: nn.Module, fast: FastPaths) -> str | None:
         # keeps the expert counts on the GPU: frozen experts in one group, not wrapped (by LoRA).
         for i, block in enumerate(model.model.layers):
             m = block.mlp.experts
-            fused = isinstance(m, (NF4Experts, MXFP4Experts)) and fast.nf4_kernels and not any(p.requires_grad for p in m.parameters())
+            fused = isinstance(m, (NF4Experts, MXFP4Experts)) and fast.nf4_kernels and \
+                not any(p.requires_grad for p in m.parameters())
             if not fused:
                 return (f"layer {i}'s experts ({type(m).__name__}) would loop over the experts with counts read "
                         "back to the host: torch._grouped_mm is a single kernel on sm_90/sm_100 only")

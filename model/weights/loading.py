@@ -138,7 +138,7 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
     model = _skeleton(config, quantize, experts, lm_head_nf4, attention, experts_per_group)
     if experts == "mxfp4":
         print("experts: MXFP4, " + ("the checkpoint's codes as they are" if mxfp4 else
-                                    "quantised to MXFP4 on load (the checkpoint holds them in bf16)"))
+                                    "quantised to MXFP4 on load from the checkpoint's dense weights"))
 
     # tensor names as the dense model knows them (MXFP4 pairs fold into one name)
     wanted: dict[str, str] = {}
