@@ -147,7 +147,7 @@ def test_every_generations_tiles_give_the_same_products(gemm):
                                    rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(gemm.grouped_mm_t(dy, w, offsets, tiles=tiles_t),
                                    per_expert(dy, dense, counts, transpose=True), rtol=1e-5, atol=1e-4)
-    assert len(seen) == 3, seen
+    assert len(seen) == 2, seen         # Hopper and data-center Blackwell alike (8 warps), and the rest
 
 
 def mxfp4_and_dense_experts(seed=2):

@@ -115,11 +115,16 @@ if triton is not None:
                  mask=row_ok[:, None] & (ks < K)[None, :])
 
 
-# The same tiles as nf4_gemm.py's per generation (untimed for MXFP4: bench/mxfp4_vs_nf4.py measures
-# the step); the dim along `in` (BK) holds whole blocks of 32. The interpreter takes any.
 def tiles_for(capability: tuple[int, int]) -> tuple[dict, dict]:
-    """(tiles of y = x @ W, tiles of dx = dy @ W^T) for a CUDA device's compute capability."""
-    return nf4_gemm.tiles_for(capability)
+    """(tiles of y = x @ W, tiles of dx = dy @ W^T) for a CUDA device's compute capability.
+
+    nf4_gemm.py's per generation (untimed for MXFP4: bench/mxfp4_vs_nf4.py measures the step), but on
+    Hopper the forward at 8 warps: at the tuned 4 its transposed tile spills up to 96 bytes, at 8
+    nothing (bench/kernel_targets.py). The dim along `in` (BK) holds whole blocks of 32."""
+    tiles, tiles_t = nf4_gemm.tiles_for(capability)
+    if capability[0] == 9:
+        tiles = {**tiles, "num_warps": 8}
+    return tiles, tiles_t
 
 
 def _tiles(x, transposed: bool) -> dict:
