@@ -71,7 +71,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
         order, _, _, offsets, inverse = sort_by_expert(idx, layer.num_experts)
         keep = any(ctx.needs_input_grad[:2])
         y, h = gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                          layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
+                                      layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, offsets, inverse)
             ctx.layer, ctx.compiled, ctx.matrices, ctx.gemm = layer, compiled, (gate_up, down), gemm
