@@ -24,6 +24,7 @@ ACTIVATION_BYTES_PER_TOKEN_20B = 1.44 * GIB / 4096
 SMALL_CARD_GIB = 24     # below this, padded micro-batches run without CUDA graphs (train.py)
 HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
+MXFP4_BYTES_PER_WEIGHT = 4.25 / 8                       # codes, one 8-bit scale per 32 (--base mxfp4's experts)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}          # per trainable parameter: the two moments
 
 
@@ -66,11 +67,12 @@ class Need:
         return self.model + self.adapter + self.optimizer + self.activations + self.embedding * embedding_on_gpu
 
 
-def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool, fast=None) -> Need:
-    """The estimate for a GptOssConfig in NF4, `trainable` adapter parameters in float32, under the
-    gate's `fast` paths (None: every fast path)."""
+def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool, fast=None,
+         base: str = "nf4") -> Need:
+    """The estimate for a GptOssConfig in NF4 (the experts as `base` says), `trainable` adapter
+    parameters in float32, under the gate's `fast` paths (None: every fast path)."""
     from model.gpt_oss import hub_shapes
-    nf4, bf16 = 0, 0
+    nf4, bf16, mxfp4 = 0, 0, 0
     for name, shape in hub_shapes(config).items():
         n = 1
         for s in shape:
@@ -79,7 +81,9 @@ def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs
             continue
         quantised = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                                    "experts.gate_up_proj", "experts.down_proj"))
-        nf4, bf16 = nf4 + n * quantised, bf16 + n * (not quantised)
+        in_mxfp4 = base == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        nf4, bf16 = nf4 + n * (quantised and not in_mxfp4), bf16 + n * (not quantised)
+        mxfp4 += n * in_mxfp4
     embedding = config.vocab_size * config.hidden_size * 2
     # weights and their gradients in float32; the graph step keeps a second gradient buffer
     adapter = trainable * 4 * (3 if graphs else 2)
@@ -90,12 +94,13 @@ def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs
         activations += e * h * 3 * i * 2
     if fast is not None and not fast.flex_attention:   # eager attention's (heads, t, t) scores, ~5 copies
         activations += config.num_attention_heads * tokens_per_micro_batch ** 2 * 10
-    return Need(model=nf4 * NF4_BYTES_PER_WEIGHT + bf16 * 2, embedding=embedding, adapter=adapter,
+    model = nf4 * NF4_BYTES_PER_WEIGHT + mxfp4 * MXFP4_BYTES_PER_WEIGHT + bf16 * 2
+    return Need(model=model, embedding=embedding, adapter=adapter,
                 optimizer=trainable * OPTIMIZER_BYTES[optim], activations=activations)
 
 
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
-         embedding_on_cpu: bool | None, optim: str, fast=None) -> tuple[bool, str, bool, list[str]]:
+         embedding_on_cpu: bool | None, optim: str, fast=None, base: str = "nf4") -> tuple[bool, str, bool, list[str]]:
     """(embedding on the CPU, optimizer, CUDA graphs, lines to print) that fit `usable` GiB; ValueError
     if nothing does.
 
@@ -110,7 +115,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                for on_cpu in ([embedding_on_cpu] if embedding_on_cpu is not None else [False, True])]
     tried = []
     for opt, on_cpu, g in choices:
-        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast)
+        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, base)
         total = n.total(not on_cpu)
         tried.append(total)
         if total <= fits:
@@ -155,7 +160,7 @@ def fit(config, model_config, resume=None):
         graphs = False
     config.embedding_on_cpu, config.optim, graphs, lines = plan(
         model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
-        graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast)
+        graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast, config.base)
     if not graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"
     print("\n".join(lines))

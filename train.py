@@ -58,7 +58,7 @@ from model import GptOss, GptOssConfig, load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
 from model.loss import IGNORE  # noqa: E402
-from model.weights.loading import CheckpointError  # noqa: E402
+from model.weights.loading import CheckpointError, mxfp4_experts  # noqa: E402
 from stopping import Interrupted, SafeStream, StopSignals, say  # noqa: E402
 
 NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in NF4 takes about 12 GB "
@@ -128,15 +128,16 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
                                                                           if world.size > 1 else {})
     compute = {k: v for k, v in saved.items() if k not in FREE_ON_RESUME and k != "world_size"}
 
-    # --- the model: frozen base (NF4 on GPU), then the adapter
+    # --- the model: frozen base (NF4 on GPU, the experts as --base says), then the adapter
     torch.manual_seed(config.seed)  # the tiny model's weights, the LoRA init, then dropout
     if config.model == "tiny":
         model = GptOss(GptOssConfig.from_name("tiny")).to(device)  # float32
+        model = mxfp4_experts(model) if config.base == "mxfp4" else model
         tokenizer = tiny_tokenizer()
     else:
         with user_errors(f"cannot load the model {config.model!r}"):
-            model = load_model(config.model, quantize="nf4", device=device, dtype=torch.bfloat16,
-                               embedding_device="cpu" if config.embedding_on_cpu else None)
+            model = load_model(config.model, quantize="nf4", experts=config.base, device=device,
+                               dtype=torch.bfloat16, embedding_device="cpu" if config.embedding_on_cpu else None)
             tokenizer = load_tokenizer(config.model)
     model.gradient_checkpointing = config.gradient_checkpointing
     with user_errors("cannot put LoRA into the model"):

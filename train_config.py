@@ -31,6 +31,9 @@ class TrainConfig:
     # what to train, on what
     model: str = option("openai/gpt-oss-20b", "hub id or local folder of a gpt-oss checkpoint (BF16 or "
                         "MXFP4); 'tiny' builds a small random model, no download, CPU is enough")
+    base: str = option("nf4", "how the frozen experts are stored: nf4, or mxfp4 (the MXFP4 codes gpt-oss ships, "
+                       "kept as they are and read by their own kernels; a BF16 checkpoint's experts are "
+                       "quantised to MXFP4 on load). Attention stays NF4 either way")
     data: str | None = option(None, "hub id, a json/jsonl/csv/parquet file, or a folder holding train.jsonl and "
                        "val.jsonl; 'synthetic' is a small built-in task. Default: " + DEFAULT_DATA
                        + ", or synthetic with --model tiny", type=str)
@@ -152,6 +155,8 @@ def check(config: TrainConfig):
         problems.append(f"--dropout must be in [0, 1), not {config.dropout}")
     if config.optim not in ("auto", "adamw", "adamw8bit"):
         problems.append(f"--optim must be auto, adamw or adamw8bit, not {config.optim!r}")
+    if config.base not in ("nf4", "mxfp4"):
+        problems.append(f"--base must be nf4 or mxfp4, not {config.base!r}")
     if config.kernels not in ("auto", "plain"):
         problems.append(f"--kernels must be auto or plain, not {config.kernels!r}")
     if config.cuda_graphs not in ("auto", "on", "off"):

@@ -1,6 +1,6 @@
-"""Registers, spills and shared memory of every NF4 kernel variant on every GPU generation (no GPU needed).
+"""Registers, spills and shared memory of every NF4 and MXFP4 kernel variant on every GPU generation (no GPU needed).
 
-Compiles each variant that model/fast/nf4_gemm.py launches, with the tiles `tiles_for` picks for the
+Compiles each variant that model/fast/nf4_gemm.py and mxfp4_gemm.py launch, with the tiles `tiles_for` picks for the
 generation and gpt-oss's argument specialisation, for sm_80 ... sm_120 with the ptxas in Triton's
 wheel, and prints one markdown table (`ptxas -v`'s registers per thread and spill bytes; the shared
 memory Triton allots a block, against the generation's limit).

@@ -1,7 +1,7 @@
 """LoRA modules: a frozen base layer plus a trainable low-rank update, scaled by alpha / r.
 
 `LoRALinear` wraps an attention projection (nn.Linear or NF4Linear), `LoRARouter` the router's
-logits, `LoRAExperts` a layer's experts (dense or NF4) with one A/B pair per expert, computed over
+logits, `LoRAExperts` a layer's experts (dense, NF4 or MXFP4) with one A/B pair per expert, computed over
 the same expert-sorted rows as the experts themselves. The adapter lives in float32; in the forward
 it is cast to the activations' dtype (bf16 on GPU), so its gradients land in the float32 tensors.
 The base is never changed: B starts at zero, so a fresh adapter leaves the output exactly as it was.
@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.moe import EXPERT_MATRICES, Experts, Router, grouped_matmul
+from model.weights.mxfp4 import MXFP4Experts
 from model.weights.nf4 import NF4Experts, NF4Linear
 
 
@@ -185,10 +186,10 @@ class LoRAExperts(nn.Module):
 
 
 def base_tensor(module: nn.Module, name: str) -> torch.Tensor:
-    """A base module's tensor `name` as a dense tensor (NF4 weights dequantised)."""
+    """A base module's tensor `name` as a dense tensor (NF4 and MXFP4 weights dequantised)."""
     if isinstance(module, NF4Linear) and name == "weight":
         return module.dequantized_weight()
-    if isinstance(module, NF4Experts) and name in EXPERT_MATRICES:
+    if isinstance(module, (NF4Experts, MXFP4Experts)) and name in EXPERT_MATRICES:
         return module.dequantized(name)
     return getattr(module, name)
 

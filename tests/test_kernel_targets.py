@@ -1,7 +1,7 @@
-"""The NF4 kernels compiled for every GPU generation they may run on, without a GPU.
+"""The NF4 and MXFP4 kernels compiled for every GPU generation they may run on, without a GPU.
 
 Triton compiles for any NVIDIA target on the CPU (its wheel ships ptxas). Each kernel variant that
-model/fast/nf4_gemm.py launches, with the tiles `tiles_for` picks for the generation and specialised
+model/fast/nf4_gemm.py and mxfp4_gemm.py launch, with the tiles `tiles_for` picks for the generation and specialised
 as the JIT specialises gpt-oss's real arguments, must compile, fit the generation's shared memory
 and (off the H100's tuned tiles) spill nothing. Compiling all of them takes a minute or two on two
 cores; each is compiled once per session (and Triton keeps them in its on-disk cache).
@@ -14,7 +14,7 @@ import triton  # noqa: F401  (a test requirement: without it these tests must fa
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.nvidia.compiler import CUDABackend
 
-from model.fast import nf4_gemm, targets
+from model.fast import mxfp4_gemm, nf4_gemm, targets
 
 GENERATIONS = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 
@@ -34,7 +34,9 @@ def test_the_compiled_signature_is_the_jits_specialisation(sizes):
     specialisation of each argument (torch tensors from the allocator, gpt-oss's sizes, the floats)."""
     real = {"alpha": 1.702, "limit": 7.0, **sizes}
     dtypes = {"*bf16": torch.bfloat16, "*u8": torch.uint8, "*fp32": torch.float32, "*i32": torch.int32}
-    for _, kernel, constexprs, tiles in targets.launches((9, 0))[-2:]:       # a forward and the transposed
+    launches = targets.launches((9, 0))
+    n = len(nf4_gemm.FORWARD_VARIANTS) + 1                                  # NF4's launches, then MXFP4's
+    for _, kernel, constexprs, tiles in launches[n - 2:n] + launches[-2:]:  # a forward and the transposed each
         block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
         src = targets.source(kernel, {**constexprs, **block}, sizes)
         for i, name in enumerate(kernel.arg_names):
@@ -54,6 +56,8 @@ def test_tiles_hold_whole_blocks_of_64_on_every_generation():
     for capability in GENERATIONS + [(7, 5), (11, 0), (12, 1)]:
         tiles, tiles_t = nf4_gemm.tiles_for(capability)
         assert tiles["BN"] % nf4_gemm.BLOCKSIZE == 0 and tiles_t["BN"] % nf4_gemm.BLOCKSIZE == 0
+        tiles, tiles_t = mxfp4_gemm.tiles_for(capability)      # MXFP4's blocks of 32 lie along `in`: BK
+        assert tiles["BK"] % mxfp4_gemm.BLOCK == 0 and tiles_t["BK"] % mxfp4_gemm.BLOCK == 0
     assert nf4_gemm.tiles_for((9, 0)) == (nf4_gemm.TILES, nf4_gemm.TILES_T)   # the H100's, as tuned
 
 
@@ -62,12 +66,12 @@ def test_tiles_hold_whole_blocks_of_64_on_every_generation():
 def test_every_launch_compiles_and_fits_the_generation(capability):
     limit = targets.SHARED_MEMORY[capability]
     launches = targets.launches(capability)
-    assert len(launches) == len(nf4_gemm.FORWARD_VARIANTS) + 1
+    assert len(launches) == len(nf4_gemm.FORWARD_VARIANTS) + 1 + len(mxfp4_gemm.FORWARD_VARIANTS) + 1
     for index in range(len(launches)):
         name, tiles, usage = compiled(capability, index)
         assert 0 < usage["shared"] <= limit, (name, tiles, usage, limit)
         assert usage["registers"] <= 255, (name, usage)
-        if capability[0] != 9:
-            # The H100's tiles were tuned with the few bytes some variants spill there; elsewhere
-            # tiles_for picks tiles that spill nothing.
+        if capability[0] != 9 or name.startswith("mxfp4"):
+            # The H100's NF4 tiles were tuned with the few bytes some variants spill there; elsewhere,
+            # and for MXFP4 everywhere, tiles_for picks tiles that spill nothing.
             assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (name, tiles, usage)

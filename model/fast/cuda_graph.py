@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..loss import IGNORE, target_rows
+from ..weights.mxfp4 import MXFP4Experts
 from ..weights.nf4 import NF4Experts
 from .flex import BLOCK
 from .gate import FastPaths
@@ -47,11 +48,12 @@ def graph_problem(model: nn.Module, fast: FastPaths) -> str | None:
         return (f"with {dtype} activations the experts run their per-expert loop, which reads the expert "
                 "counts back to the host; only bfloat16 runs the grouped kernels")
     if not fast.grouped_mm:
-        # Without torch._grouped_mm (one kernel on sm_90/sm_100 only), only the fused NF4 layer keeps
-        # the expert counts on the GPU: frozen NF4 experts in one group, not wrapped (by LoRA).
+        # Without torch._grouped_mm (one kernel on sm_90/sm_100 only), only the fused NF4 (or MXFP4) layer
+        # keeps the expert counts on the GPU: frozen experts in one group, not wrapped (by LoRA).
         for i, block in enumerate(model.model.layers):
             m = block.mlp.experts
-            fused = isinstance(m, NF4Experts) and fast.nf4_kernels and not any(p.requires_grad for p in m.parameters())
+            fused = isinstance(m, (NF4Experts, MXFP4Experts)) and fast.nf4_kernels and \
+                not any(p.requires_grad for p in m.parameters())
             if not fused:
                 return (f"layer {i}'s experts ({type(m).__name__}) would loop over the experts with counts read "
                         "back to the host: torch._grouped_mm is a single kernel on sm_90/sm_100 only")

@@ -6,6 +6,7 @@ here, once per device, from what the device and the installed torch and Triton c
 as an argument; `describe` gives the lines train.py prints at start.
 
     experts        NF4 Triton kernels (model/fast/nf4_gemm.py)   | dequantise, then one product
+                   (MXFP4 experts: model/fast/mxfp4_gemm.py, under the same switch, `nf4_kernels`)
     grouped_mm     torch._grouped_mm over expert-sorted rows     | a loop over experts (host counts)
     attention      flex attention (model/fast/flex.py)           | eager attention (score matrix)
     compiled       torch.compile'd elementwise chains            | the same chains, op by op
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-# What the NF4 kernels need of Triton: tl.gather (Triton 3.2) for the 16-level code book.
+# What the NF4 and MXFP4 kernels need of Triton: tl.gather (Triton 3.2) for the 16-value code book.
 MIN_TRITON = (3, 2)
 # gpt-oss computes in bfloat16, which the tensor cores have from Ampere (sm_80) on.
 MIN_CAPABILITY = (8, 0)
@@ -29,7 +30,7 @@ MIN_CAPABILITY = (8, 0)
 @dataclass(frozen=True)
 class FastPaths:
     """Which fast paths run (True) and, for each, the line that says why (printed at start)."""
-    nf4_kernels: bool = False
+    nf4_kernels: bool = False                   # the experts' Triton kernels, NF4 and MXFP4 alike
     grouped_mm: bool = False
     flex_attention: bool = False
     compiled: bool = False

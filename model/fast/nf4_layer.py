@@ -1,5 +1,8 @@
 """The NF4 experts' fast path: the Triton kernels of model/fast/nf4_gemm.py as autograd functions.
 
+MXFP4 experts (model/weights/mxfp4.py) take the same path with model/fast/mxfp4_gemm.py's kernels,
+which have the same three functions: `gemm` names the module whose kernels read the weights.
+
 `project` is one expert projection, x @ W[e] (+ bias[e]), both ways from the 4-bit codes.
 `expert_layer` is a whole layer of frozen NF4 experts (LoRA's case), from the routing to the weighted
 sum, with a backward of its own that keeps only gate_up's output and skips down in gradient
@@ -20,32 +23,33 @@ def kernels_run(x, fast) -> bool:
     return fast is not None and fast.nf4_kernels and (x.dtype == torch.bfloat16 or not x.is_cuda)
 
 
-def project(x, w, offsets, bias, expert):
+def project(x, w, offsets, bias, expert, gemm=nf4_gemm):
     """x @ W[e] + bias[e] over expert-sorted rows; the kernel adds a frozen bias, a trained one is added here."""
     if not bias.requires_grad:
-        return _FusedNF4.apply(x.contiguous(), w, offsets, bias.to(x.dtype))
-    y = _FusedNF4.apply(x.contiguous(), w, offsets, None)
+        return _FusedNF4.apply(x.contiguous(), w, offsets, bias.to(x.dtype), gemm)
+    y = _FusedNF4.apply(x.contiguous(), w, offsets, None, gemm)
     return y + bias[expert].to(y.dtype)
 
 
-def expert_layer(x, weights, idx, layer, fast):
-    """A layer of frozen NF4 experts: x (tokens, hidden) in the weights' dtype -> (tokens, hidden)."""
-    return _NF4ExpertLayer.apply(x, weights, idx, layer, fast.compiled)
+def expert_layer(x, weights, idx, layer, fast, gate_up, down, gemm=nf4_gemm):
+    """A layer of frozen experts, weights gate_up and down read by `gemm`'s kernels: x (tokens, hidden)
+    in the weights' dtype -> (tokens, hidden)."""
+    return _NF4ExpertLayer.apply(x, weights, idx, layer, fast.compiled, gate_up, down, gemm)
 
 
 class _FusedNF4(torch.autograd.Function):
     """x @ W[e] (+ bias[e], frozen) with the dequantisation inside the product (nf4_gemm.py), both ways."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, bias):
-        ctx.w = w
+    def forward(ctx, x, w, offsets, bias, gemm):
+        ctx.w, ctx.gemm = w, gemm
         ctx.save_for_backward(offsets)
-        return nf4_gemm.grouped_mm(x, w, offsets, bias)
+        return gemm.grouped_mm(x, w, offsets, bias)
 
     @staticmethod
     def backward(ctx, dy):
         (offsets,) = ctx.saved_tensors
-        return nf4_gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None
+        return ctx.gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None, None
 
 
 class _NF4ExpertLayer(torch.autograd.Function):
@@ -61,37 +65,36 @@ class _NF4ExpertLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, idx, layer, compiled: bool):
+    def forward(ctx, x, weights, idx, layer, compiled: bool, gate_up, down, gemm):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
         order, _, _, offsets, inverse = sort_by_expert(idx, layer.num_experts)
-        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
         keep = any(ctx.needs_input_grad[:2])
-        y, h = nf4_gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                          layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
+        y, h = gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
+                                      layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, offsets, inverse)
-            ctx.layer, ctx.compiled = layer, compiled
+            ctx.layer, ctx.compiled, ctx.matrices, ctx.gemm = layer, compiled, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
             # saving op is this one, so the output is never used. NaN makes any misuse loud.
             return torch.full_like(x, float("nan"))
-        out = nf4_gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
+        out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
         return weighted_sum(out, weights, inverse, x)
 
     @staticmethod
     def backward(ctx, d_out):
         y, weights, idx, order, offsets, inverse = ctx.saved_tensors
-        layer, (n, k) = ctx.layer, idx.shape
-        gate_up, down = layer.nf4["gate_up_proj"][0], layer.nf4["down_proj"][0]
-        g = nf4_gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
+        layer, (n, k), gemm = ctx.layer, idx.shape, ctx.gemm
+        gate_up, down = ctx.matrices
+        g = gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
         dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit,
                                      compiled=ctx.compiled)
         del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
-        dxs = nf4_gemm.grouped_mm_t(dy, gate_up, offsets)
+        dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
         dx = sum_per_token(dxs, inverse, k)
         dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
-        return dx, dw.to(weights.dtype), None, None, None
+        return dx, dw.to(weights.dtype), None, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""The NF4 kernels compiled for a GPU generation on a machine without one (tests and bench only).
+"""The NF4 and MXFP4 kernels compiled for a GPU generation on a machine without one (tests and bench only).
 
 Triton compiles for any NVIDIA target without a device (its wheel ships ptxas), so the tiles that
 `nf4_gemm.tiles_for` picks for each generation can be checked here: every kernel variant the code
@@ -17,17 +17,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import nf4_gemm
+from . import mxfp4_gemm, nf4_gemm
 
 # Shared memory a block may use (the opt-in maximum, bytes), per compute capability: the data-center
 # parts have more than the consumer ones, whose registers per thread also run out sooner.
 SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_448, (10, 0): 232_448,
                  (12, 0): 101_376}
 
-# The arguments' types at run time (bf16 activations, NF4 codes as bytes, fp32 scales and code book)
-# and gpt-oss's sizes: K = 2880 in, N = 5760 (gate_up) or 2880 (down) out, 32 or 128 experts.
+# The arguments' types at run time (bf16 activations, NF4 codes as bytes, fp32 scales and code book;
+# MXFP4 codes and scales as bytes, fp32 e2m1 values) and gpt-oss's sizes: K = 2880 in, N = 5760
+# (gate_up) or 2880 (down) out, 32 or 128 experts.
 POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-            "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16"}
+            "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16",
+            "blocks_ptr": "*u8", "scales_ptr": "*u8", "lut_ptr": "*fp32"}
 GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32}
 
 
@@ -62,13 +64,15 @@ def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: di
 
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
-    """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation."""
-    tiles, tiles_t = nf4_gemm.tiles_for(capability)
+    """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
+    mxfp4_gemm's (named "mxfp4 ...")."""
     out = []
-    for constexprs in nf4_gemm.FORWARD_VARIANTS:
-        name = "y=x@W" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)
-        out.append((name, nf4_gemm._grouped_mm_kernel, constexprs, tiles))
-    out.append(("dx=dy@W^T", nf4_gemm._grouped_mm_t_kernel, {}, tiles_t))
+    for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
+        tiles, tiles_t = module.tiles_for(capability)
+        for constexprs in module.FORWARD_VARIANTS:
+            name = prefix + "y=x@W" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)
+            out.append((name, module._grouped_mm_kernel, constexprs, tiles))
+        out.append((prefix + "dx=dy@W^T", module._grouped_mm_t_kernel, {}, tiles_t))
     return out
 
 

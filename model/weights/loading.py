@@ -3,7 +3,9 @@
 The model is first built on the meta device (no memory); then each tensor is read lazily from its
 safetensors file, dequantised from MXFP4 if the checkpoint stores it so, moved to the target device,
 quantised to NF4 if asked, put in place, and dropped before the next one is read. No full copy of
-the weights ever exists beside the finished model.
+the weights ever exists beside the finished model. With `experts="mxfp4"` the experts stay in the
+MXFP4 codes of an MXFP4 checkpoint, never dequantised (from a BF16 checkpoint they are quantised to
+MXFP4 on load).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from safetensors import safe_open
 from ..config import GptOssConfig
 from ..gpt_oss import GptOss, hub_shapes
 from ..moe import EXPERT_MATRICES
-from .mxfp4 import dequantize_mxfp4
+from .mxfp4 import MXFP4Experts, dequantize_mxfp4, quantize_mxfp4
 from .nf4 import NF4Experts, NF4Linear
 
 NF4_LINEARS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj$")
+EXPERT_SUFFIXES = tuple(f"experts.{m}" for m in EXPERT_MATRICES)
 
 
 class CheckpointError(ValueError):
@@ -74,7 +77,7 @@ def _quant_method(config: GptOssConfig, folder: str) -> str | None:
     return method
 
 
-def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, attention: str,
+def _skeleton(config: GptOssConfig, quantize: str | None, experts: str | None, lm_head_nf4: bool, attention: str,
               experts_per_group: int | None) -> GptOss:
     with torch.device("meta"):
         model = GptOss(config, attention=attention)
@@ -83,8 +86,11 @@ def _skeleton(config: GptOssConfig, quantize: str | None, lm_head_nf4: bool, att
                 if NF4_LINEARS.search(name) or (lm_head_nf4 and name == "lm_head"):
                     bias = module.bias.detach() if module.bias is not None else None
                     model.set_submodule(name, NF4Linear(module.in_features, module.out_features, bias))
-            for layer in model.model.layers:
+        for layer in model.model.layers:
+            if experts == "nf4":
                 layer.mlp.experts = NF4Experts(config, experts_per_group)
+            elif experts == "mxfp4":
+                layer.mlp.experts = MXFP4Experts(config)
     return model
 
 
@@ -107,16 +113,21 @@ def _read(files: dict[str, str], name: str, device, dtype) -> torch.Tensor:
 
 def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dtype=torch.bfloat16,
                embedding_device=None, lm_head_nf4: bool = False, attention: str = "auto",
-               experts_per_group: int | None = None) -> GptOss:
+               experts_per_group: int | None = None, experts: str | None = None) -> GptOss:
     """gpt-oss from a local folder or hub id, BF16 or MXFP4 checkpoint.
 
     quantize: None keeps every weight in `dtype`; "nf4" stores the attention projections and the
-    experts (and the lm_head with lm_head_nf4) in NF4. embedding_device: where the embedding lives
+    experts (and the lm_head with lm_head_nf4) in NF4. experts: how the experts are stored, None
+    (as `quantize` says), "nf4" or "mxfp4" (the checkpoint's MXFP4 codes as they are; a BF16
+    checkpoint's experts quantised to MXFP4). embedding_device: where the embedding lives
     (e.g. "cpu" to save GPU memory); default `device`. experts_per_group: NF4 experts are quantised
     and dequantised this many at a time (default all: fastest; fewer: less transient memory).
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', not {quantize!r}")
+    if experts not in (None, "nf4", "mxfp4"):
+        raise ValueError(f"experts must be None, 'nf4' or 'mxfp4', not {experts!r}")
+    experts = experts or quantize
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedding_device = torch.device(embedding_device or device)
     folder = resolve_checkpoint(path_or_hub_id)
@@ -124,7 +135,10 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
     mxfp4 = _quant_method(config, folder) == "mxfp4"
     files = checkpoint_files(folder)
     shapes = hub_shapes(config)
-    model = _skeleton(config, quantize, lm_head_nf4, attention, experts_per_group)
+    model = _skeleton(config, quantize, experts, lm_head_nf4, attention, experts_per_group)
+    if experts == "mxfp4":
+        print("experts: MXFP4, " + ("the checkpoint's codes as they are" if mxfp4 else
+                                    "quantised to MXFP4 on load from the checkpoint's dense weights"))
 
     # tensor names as the dense model knows them (MXFP4 pairs fold into one name)
     wanted: dict[str, str] = {}
@@ -139,6 +153,9 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
 
     for name, path in wanted.items():  # one tensor at a time: read, convert, place, drop
         target = embedding_device if name == "model.embed_tokens.weight" else device
+        if experts == "mxfp4" and name.endswith(EXPERT_SUFFIXES):   # kept in (or quantised to) MXFP4
+            _place_mxfp4(model, files, name, path, target, shapes[name], mxfp4, dtype)
+            continue
         t = _read(files, name, target, dtype)
         if tuple(t.shape) != shapes[name]:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, "
@@ -146,6 +163,38 @@ def load_model(path_or_hub_id: str, quantize: str | None = None, device=None, dt
         _place(model, name, t, dtype)
         del t
     return model
+
+
+def mxfp4_experts(model: GptOss) -> GptOss:
+    """A model built in memory (the tiny one) with its dense experts quantised to MXFP4, in place, as
+    load_model(experts="mxfp4") does for a BF16 checkpoint; says so in one line."""
+    for layer in model.model.layers:
+        dense = layer.mlp.experts
+        experts = MXFP4Experts(model.config).to(dense.gate_up_proj_bias.device)
+        experts.load_state_dict(dense.state_dict(), strict=False)            # the biases
+        for name in EXPERT_MATRICES:
+            weight = getattr(dense, name).detach()
+            experts.set_weight(name, weight, weight.dtype)
+        layer.mlp.experts = experts
+    print("experts: MXFP4, quantised from the model's own weights")
+    return model
+
+
+def _place_mxfp4(model: GptOss, files, name: str, path: str, device, shape, mxfp4: bool, dtype):
+    """An expert matrix into MXFP4Experts: the checkpoint's blocks and scales, or its bf16 quantised."""
+    if mxfp4:
+        if f"{name}_scales" not in files or f"{name}_blocks" not in files:
+            raise CheckpointError(f"{path}: {name} needs both _blocks and _scales in the checkpoint")
+        blocks, scales = _get(files, f"{name}_blocks", device), _get(files, f"{name}_scales", device)
+    else:
+        blocks, scales = quantize_mxfp4(_get(files, name, device).transpose(1, 2))  # stored (experts, out, in)
+    e, n_in, n_out = shape
+    if tuple(blocks.shape) != (e, n_out, n_in // 32, 16) or tuple(scales.shape) != (e, n_out, n_in // 32):
+        raise CheckpointError(f"{path}: MXFP4 tensor {name!r} has blocks {tuple(blocks.shape)} and scales "
+                              f"{tuple(scales.shape)}, expected {(e, n_out, n_in // 32, 16)} and "
+                              f"{(e, n_out, n_in // 32)} from config.json")
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name).set_mxfp4(attr, blocks, scales, dtype)
 
 
 def _place(model: GptOss, name: str, t: torch.Tensor, dtype):

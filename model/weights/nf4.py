@@ -9,15 +9,7 @@ there.
 """
 from __future__ import annotations
 
-import logging
-
-# bitsandbytes' CPU backend looks for an optional faster CPU 4-bit matmul (the `kernels` package) when
-# it is imported, and logs a warning on every start without it. Its plain fallback is what runs, and
-# our CPU path does not depend on that matmul, so that one message (and no other) is dropped.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
-
-import bitsandbytes.functional as bnbf  # noqa: E402
+import bitsandbytes.functional as bnbf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -179,7 +171,7 @@ class NF4Experts(Experts):
         xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, fast).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, fast, gate_up[0], down[0]).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 

@@ -1,0 +1,337 @@
+"""MXFP4 experts (`--base mxfp4`): the quantiser, the Triton kernels in Triton's interpreter, loading
+from MXFP4 and BF16 checkpoints, LoRA on top, and train.py end to end (CPU, tiny shapes).
+
+The interpreter cannot do bf16 arithmetic, so the kernels run in float32 here, where the dequantised
+weights are exact: multiplied by an identity they must come out bit for bit as dequantize_mxfp4's.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import triton  # noqa: F401  (a test requirement: without it these tests must fail, not vanish)
+
+import memory_plan
+from conftest import hf_twin  # noqa: F401  (conftest puts the repository on the path)
+from lora import inject, lora_parameters
+from lora.export import merged_tensor
+from model import GptOss, GptOssConfig, load_model
+from model.fast import gate
+from model.fast import mxfp4_gemm as mxfp4_gemm_module
+from model.fast import nf4_gemm as nf4_gemm_module
+from model.moe import Experts
+from model.weights.loading import mxfp4_experts
+from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
+from model.weights.nf4 import NF4Linear
+from test_loading import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def gemm():
+    """model.fast.mxfp4_gemm with its kernels (and nf4_gemm's grid, which it calls) built for the interpreter."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(nf4_gemm_module)
+    yield importlib.reload(mxfp4_gemm_module)
+    patch.undo()
+    importlib.reload(nf4_gemm_module)
+    importlib.reload(mxfp4_gemm_module)
+
+
+def random_mxfp4(experts, n_in, n_out, seed=0) -> MXFP4Tensor:
+    """Random codes (every one of the 16) and scales 2^-9 .. 2^2, float32 compute."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 130, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+    return MXFP4Tensor(blocks, scales, torch.float32)
+
+
+def per_expert(x, w, counts, transpose=False):
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        out.append(x[start:start + c] @ (w[e].T if transpose else w[e]))
+        start += c
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- the quantiser
+def test_values_already_in_mxfp4_come_back_exactly():
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 150, (3, 40, 4), dtype=torch.uint8, generator=g)
+    w = dequantize_mxfp4(blocks, scales, torch.float32)
+    again = dequantize_mxfp4(*quantize_mxfp4(w), torch.float32)
+    assert torch.equal(again, w)
+    bf16 = dequantize_mxfp4(blocks, scales, torch.bfloat16)         # a BF16 checkpoint's own MXFP4 values
+    assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(bf16), torch.bfloat16), bf16)
+
+
+def test_a_block_quantised_by_hand():
+    x = torch.zeros(32)
+    # max |x| = 7: scale 2^(floor(log2 7) - 2) = 2^0. 1 -> 1; -2.5 is halfway between 2 (code 4) and
+    # 3 (code 5): the even code, -2; 7 saturates to 6; 0.3 -> 0.5; 0.25, halfway between 0 and 0.5, -> 0;
+    # 0.75, halfway between 0.5 (code 1) and 1 (code 2), -> 1; 5, between 4 (code 6) and 6 (code 7), -> 4
+    x[:8] = torch.tensor([1.0, -2.5, 7.0, 0.3, 0.25, 0.75, 5.0, -0.1])
+    blocks, scales = quantize_mxfp4(x)
+    assert scales.tolist() == [127]
+    codes = torch.stack((blocks & 15, blocks >> 4), -1).flatten().tolist()
+    assert codes[:8] == [2, 8 + 4, 7, 1, 0, 2, 6, 8 + 0]            # -0.1 rounds to -0: code 8
+    assert codes[8:] == [0] * 24
+    assert dequantize_mxfp4(blocks, scales, torch.float32)[:8].tolist() == [1, -2, 6, 0.5, 0, 1, 4, -0.0]
+    # the scale follows the block's largest magnitude: x / 64 is the same codes, scale 2^-6
+    blocks2, scales2 = quantize_mxfp4(x / 64)
+    assert torch.equal(blocks2, blocks) and scales2.tolist() == [127 - 6]
+
+
+def test_the_error_is_bounded_by_the_blocks_scale():
+    """Each value is off by at most half a step of e2m1 at its scale, or by the saturation of values
+    in (6, 8) x scale to 6 x scale: at most 2 x scale, scale = 2^(floor(log2 max|x|) - 2)."""
+    torch.manual_seed(2)
+    w = torch.randn(16, 256) * torch.logspace(-3, 2, 16)[:, None]
+    got = dequantize_mxfp4(*quantize_mxfp4(w), torch.float32)
+    amax = w.view(16, 8, 32).abs().amax(-1, keepdim=True)
+    step = torch.exp2(torch.floor(torch.log2(amax)) - 2)
+    err = (got - w).view(16, 8, 32).abs()
+    assert (err <= 2 * step).all()
+    assert (err <= 0.5 * amax).all()
+    assert (got - w).norm() / w.norm() < 0.15                         # about 4 bits' worth
+
+
+# ---------------------------------------------------------------- the kernels (Triton's interpreter)
+def test_the_kernels_see_dequantize_mxfp4s_weights_bit_for_bit(gemm):
+    """x = identity per expert: y = x @ W[e] is W[e] itself (one product per sum); dy = identity: dx
+    is W[e]^T. Ragged experts, the middle one empty; `in` = 96 leaves a half tile of 64."""
+    experts, n_in, n_out = 3, 96, 192
+    w = random_mxfp4(experts, n_in, n_out)
+    dense = w.dequantize()                                            # (experts, in, out)
+    counts = [n_in, 0, n_in]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    y = gemm.grouped_mm(torch.eye(n_in).repeat(2, 1), w, offsets)
+    assert torch.equal(y, torch.cat([dense[0], dense[2]]))
+    y2, h = gemm.grouped_mm_swiglu(torch.eye(n_in).repeat(2, 1), w, offsets, torch.zeros(experts, n_out), 1.702, 7.0)
+    assert torch.equal(y2, y)
+    counts_t = [n_out, 0, n_out]
+    dx = gemm.grouped_mm_t(torch.eye(n_out).repeat(2, 1), w, torch.tensor(counts_t).cumsum(0).to(torch.int32))
+    assert torch.equal(dx, torch.cat([dense[0].T, dense[2].T]))
+
+
+@pytest.mark.parametrize("experts, n_in, n_out, counts", [(3, 96, 192, [5, 0, 70]), (4, 64, 128, [0, 0, 0, 9]),
+                                                          (2, 160, 64, [130, 1])])
+def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, counts):
+    torch.manual_seed(0)
+    w = random_mxfp4(experts, n_in, n_out, seed=3)
+    dense = w.dequantize()
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, dy, bias = torch.randn(sum(counts), n_in), torch.randn(sum(counts), n_out), torch.randn(experts, n_out)
+    expert = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts))
+    torch.testing.assert_close(gemm.grouped_mm(x, w, offsets, bias), per_expert(x, dense, counts) + bias[expert],
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gemm.grouped_mm_t(dy, w, offsets), per_expert(dy, dense, counts, transpose=True),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_every_generations_tiles_give_the_same_products(gemm):
+    torch.manual_seed(5)
+    experts, n_in, n_out, counts = 3, 96, 192, [5, 0, 140]
+    w = random_mxfp4(experts, n_in, n_out, seed=4)
+    dense = w.dequantize()
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, dy = torch.randn(sum(counts), n_in), torch.randn(sum(counts), n_out)
+    seen = []
+    for cap in [(8, 0), (9, 0), (10, 0), (12, 0)]:
+        tiles, tiles_t = gemm.tiles_for(cap)
+        if (tiles, tiles_t) in seen:
+            continue
+        seen.append((tiles, tiles_t))
+        torch.testing.assert_close(gemm.grouped_mm(x, w, offsets, tiles=tiles), per_expert(x, dense, counts),
+                                   rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gemm.grouped_mm_t(dy, w, offsets, tiles=tiles_t),
+                                   per_expert(dy, dense, counts, transpose=True), rtol=1e-5, atol=1e-4)
+    assert len(seen) == 2, seen         # Hopper and data-center Blackwell alike (8 warps), and the rest
+
+
+def mxfp4_and_dense_experts(seed=2):
+    """A tiny config's MXFP4 experts and a dense twin holding the dequantised weights (float32)."""
+    torch.manual_seed(seed)
+    config = GptOssConfig.from_name("tiny")
+    dense = Experts(config)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    mx = MXFP4Experts(config)
+    mx.load_state_dict(dense.state_dict(), strict=False)
+    for name in ("gate_up_proj", "down_proj"):
+        mx.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
+        getattr(dense, name).data.copy_(mx.dequantized(name))
+    return config, mx, dense
+
+
+@pytest.mark.parametrize("train_biases", [False, True])
+def test_mxfp4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkeypatch, train_biases):
+    """A layer's MXFP4 experts through the kernels equal the same layer dequantised: output and the
+    gradients of the input and the routing weights. Frozen biases take the fused layer."""
+    config, mx, dense = mxfp4_and_dense_experts()
+    for name in ("gate_up_proj_bias", "down_proj_bias"):
+        getattr(mx, name).requires_grad_(train_biases)
+        getattr(dense, name).requires_grad_(train_biases)
+    n = 23
+    x = torch.randn(n, config.hidden_size) * 4
+    weights = torch.rand(n, config.num_experts_per_tok).softmax(-1)
+    idx = torch.stack([torch.randperm(config.num_local_experts)[:config.num_experts_per_tok] for _ in range(n)])
+    idx[idx == 3] = 4                                              # expert 3 gets no token
+    calls = []
+    for name in ("grouped_mm", "grouped_mm_t", "grouped_mm_swiglu"):
+        fn = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    y1, y2 = mx(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    fused = ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]
+    assert calls == (["grouped_mm"] * 2 + ["grouped_mm_t"] * 2 if train_biases else fused), calls
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_the_plain_twin_equals_the_dense_layer():
+    """Without the kernels (the CPU, --kernels plain): dequantise, then the grouped product; the
+    backward dequantises again."""
+    config, mx, dense = mxfp4_and_dense_experts(seed=6)
+    x = torch.randn(17, config.hidden_size)
+    weights = torch.rand(17, config.num_experts_per_tok).softmax(-1)
+    idx = torch.stack([torch.randperm(config.num_local_experts)[:config.num_experts_per_tok] for _ in range(17)])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = mx(x1, weights, idx, gate.PLAIN), dense(x2, weights, idx)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- loading, LoRA, the plan
+def tiny_weights(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3 if "sinks" in name or "router" in name else 0.1)
+    return model
+
+
+def test_an_mxfp4_checkpoint_keeps_its_codes_and_computes_as_its_dequantised_weights(tmp_path, capsys):
+    torch.manual_seed(0)
+    tensors = write_checkpoint(tiny_weights(GptOss(GptOssConfig.from_name("tiny"))), tmp_path, mxfp4=True)
+    kept = load_model(str(tmp_path), device="cpu", dtype=torch.float32, experts="mxfp4")
+    assert "experts: MXFP4, the checkpoint's codes as they are" in capsys.readouterr().out
+    dense = load_model(str(tmp_path), device="cpu", dtype=torch.float32)   # dequantised on load
+    for i, layer in enumerate(kept.model.layers):
+        assert isinstance(layer.mlp.experts, MXFP4Experts)
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            w = layer.mlp.experts.mxfp4[name]
+            assert torch.equal(w.blocks, tensors[key + "_blocks"]) and torch.equal(w.scales, tensors[key + "_scales"])
+    ids = torch.randint(0, 1024, (2, 20))
+    with torch.no_grad():
+        assert (kept(ids) - dense(ids)).abs().max() < 1e-5
+    nf4 = load_model(str(tmp_path), quantize="nf4", device="cpu", dtype=torch.float32, experts="mxfp4")
+    layer = nf4.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, NF4Linear) and isinstance(layer.mlp.experts, MXFP4Experts)
+
+
+def test_a_bf16_checkpoint_is_quantised_to_mxfp4_on_load(tmp_path, capsys):
+    torch.manual_seed(1)
+    tiny = tiny_weights(GptOss(GptOssConfig.from_name("tiny")))
+    write_checkpoint(tiny, tmp_path, dtype=torch.float32)
+    model = load_model(str(tmp_path), device="cpu", dtype=torch.float32, experts="mxfp4")
+    assert "experts: MXFP4, quantised to MXFP4 on load from the checkpoint's dense weights" in capsys.readouterr().out
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(tiny.model.layers[2].mlp.experts, name).detach()         # (experts, in, out)
+        expected = dequantize_mxfp4(*quantize_mxfp4(w.transpose(1, 2)), torch.float32).transpose(1, 2)
+        assert torch.equal(model.model.layers[2].mlp.experts.dequantized(name), expected)
+    with pytest.raises(ValueError, match="experts must be"):
+        load_model(str(tmp_path), device="cpu", experts="fp8")
+
+
+def test_expert_lora_on_mxfp4_equals_it_on_the_dequantised_experts():
+    torch.manual_seed(3)
+    config = GptOssConfig.from_name("tiny")
+    mx = mxfp4_experts(tiny_weights(GptOss(config, attention="eager")))
+    dense = GptOss(config, attention="eager")
+    dense.load_state_dict(mx.state_dict(), strict=False)
+    for a, b in zip(mx.model.layers, dense.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(b.mlp.experts, name).data.copy_(a.mlp.experts.dequantized(name))
+    outs = []
+    for model in (mx, dense):
+        torch.manual_seed(4)
+        inject(model, targets="experts", rank=4, alpha=8, verbose=False)
+        for _, p in lora_parameters(model):
+            torch.nn.init.normal_(p, std=0.05)                             # B too, so both get gradients
+        ids = torch.randint(0, 1024, (2, 12))
+        loss = model.loss(ids, ids)
+        loss.backward()
+        outs.append((loss.detach(), [p.grad for _, p in lora_parameters(model)]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    key = "model.layers.1.mlp.experts.down_proj"                           # the merged export reads the codes
+    torch.testing.assert_close(merged_tensor(mx, key), merged_tensor(dense, key), rtol=0, atol=1e-6)
+
+
+def test_the_memory_plan_counts_the_experts_at_4_25_bits():
+    config = GptOssConfig.from_name("gpt-oss-20b")
+    nf4 = memory_plan.need(config, 0, "adamw", 4096, False)
+    mx = memory_plan.need(config, 0, "adamw", 4096, False, base="mxfp4")
+    experts = config.num_hidden_layers * config.num_local_experts * config.hidden_size * 3 * config.intermediate_size
+    assert math.isclose(mx.model - nf4.model, experts * (4.25 / 8 - memory_plan.NF4_BYTES_PER_WEIGHT), rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_train_py_runs_the_tiny_model_with_mxfp4_experts(tmp_path, capsys):
+    import train
+    from data.synthetic import write_synthetic
+    write_synthetic(str(tmp_path / "task"), n_train=8, n_val=4, seed=0)
+    assert train.main(["--model", "tiny", "--base", "mxfp4", "--data", str(tmp_path / "task"), "--max-seq-len", "256",
+                       "--micro-batch-size", "2", "--grad-accum", "1", "--max-steps", "2", "--targets",
+                       "q_proj,experts", "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "experts: MXFP4, quantised from the model's own weights" in out and "base                     mxfp4" in out
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert train.main(["--model", "tiny", "--base", "fp4", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "--base must be nf4 or mxfp4, not 'fp4'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (part of the GPU suite, pytest -m gpu)")
+def test_on_the_gpu_mxfp4_experts_equal_dense_experts_on_their_dequantised_weights():
+    """gpt-oss-20b's widths, bf16: the MXFP4 kernels' fused layer against dense experts holding the
+    dequantised weights, run plainly (a loop over experts); output and input/routing gradients."""
+    config = GptOssConfig(num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    dense = Experts(config).cuda()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, 0.02)
+    mx = MXFP4Experts(config).cuda()
+    mx.load_state_dict(dense.state_dict(), strict=False)
+    for name in ("gate_up_proj", "down_proj"):
+        mx.set_weight(name, getattr(dense, name).detach())
+    dense = dense.to(torch.bfloat16)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(dense, name).copy_(mx.dequantized(name))
+    mx.requires_grad_(False)
+    dense.requires_grad_(False)
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
+    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    results = []
+    for layer, paths in ((mx, gate.decide("cuda")), (dense, None)):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = layer(xi, wi, idx, paths)
+        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
+        results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
+    for a, b in zip(*results):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1.5e-2
