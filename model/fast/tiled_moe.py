@@ -37,6 +37,22 @@ def tiled_experts(experts, x, weights, idx, fast, tile: int):
     return _TiledExperts.apply(x, weights, idx, experts, fast, tile, *params)
 
 
+def draws_random(module) -> bool:
+    """Whether the module's forward draws random numbers (dropout in training)."""
+    return module.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
+def rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 class _TiledExperts(torch.autograd.Function):
     """Keeps (x, weights, idx); the backward recomputes one tile and takes its gradients, tile by tile."""
 
@@ -48,8 +64,12 @@ class _TiledExperts(torch.autograd.Function):
             # the block's recomputation only wanted the saved inputs (this is the block's last op that
             # saves any); the output is never used. NaN makes any misuse loud.
             return torch.full_like(x, float("nan"))
+        # dropout (on expert LoRA) draws a mask per tile: the backward replays each tile's RNG state
+        ctx.rng = [] if draws_random(experts) else None
         out = torch.empty_like(x)                                   # (tokens, hidden)
         for s in tiles(len(x), tile):
+            if ctx.rng is not None:
+                ctx.rng.append(rng_state(x.device))
             out[s] = experts(x[s], weights[s], idx[s], fast)
         return out
 
@@ -63,13 +83,16 @@ class _TiledExperts(torch.autograd.Function):
         dx = torch.zeros_like(x) if want_x else None
         dw = torch.zeros_like(weights) if want_w else None
         d_params = [None] * len(params)
-        for s in tiles(len(x), ctx.tile):
+        for j, s in enumerate(tiles(len(x), ctx.tile)):
             xs = x[s].detach().requires_grad_(want_x)
             ws = weights[s].detach().requires_grad_(want_w)
             inputs = [t for t, wanted in ((xs, want_x), (ws, want_w)) if wanted] + params
             # marked as a recomputation: an NF4 expert layer keeps what its backward needs and skips
             # the rest of its forward (model/fast/nf4_layer.py), as in the block's recomputation
-            with torch.enable_grad(), recomputation():
+            devices = [x.device] if x.is_cuda else []
+            with torch.random.fork_rng(devices, enabled=ctx.rng is not None), torch.enable_grad(), recomputation():
+                if ctx.rng is not None:
+                    set_rng_state(ctx.rng[j], x.device)
                 out = experts(xs, ws, idx[s], ctx.fast)
             grads = list(torch.autograd.grad(out, inputs, d_out[s], allow_unused=True))
             del out
