@@ -2,25 +2,52 @@
 
 The estimate adds up the frozen NF4 model (from the checkpoint's config.json: shapes only), the
 adapter with its gradient, the graph step's gradient buffers and the optimizer's states, and the
-activations of one micro-batch (a per-token figure measured on gpt-oss-20b at 4,096 tokens; see
-docs/BENCHMARKS.md). `plan` turns it into choices: the embedding on the CPU, bitsandbytes' 8-bit
+activations of one micro-batch: a formula in the sequence length with named per-token constants
+measured on gpt-oss-20b (below; docs/BENCHMARKS.md), covering the checkpointed blocks' inputs (or,
+offloaded, the few on the GPU), one block's recomputation, and the experts' tile. `plan` turns it
+into choices: the embedding on the CPU, offloaded checkpoints, an NF4 lm_head, bitsandbytes' 8-bit
 AdamW, or a clear stop naming the flags that would fit, instead of running out of memory minutes in.
 
     QLORA_GPU_MEMORY_GIB=15.58 python train.py ...   # behave as on a card with 15.58 GiB usable
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 GIB = 2 ** 30
 CAP_VARIABLE = "QLORA_GPU_MEMORY_GIB"
-# Activations of a checkpointed step per token of a micro-batch (bf16, gpt-oss-20b): the blocks'
-# saved inputs, one block's recomputation and the chunked loss. Measured: 4,096 tokens took 1.44 GiB
-# above the loaded model (docs/BENCHMARKS.md); scaled by hidden size for other widths.
-ACTIVATION_BYTES_PER_TOKEN_20B = 1.44 * GIB / 4096
+
+# Activations of one micro-batch of t tokens, in bytes (bf16; h hidden, i intermediate, k experts a
+# token, L layers; `activations` below):
+#
+#   L x t x h x 2                           the checkpointed blocks' inputs (exact); with
+#                                           --offload-activations only OFFLOAD_RESIDENT_BLOCKS of them
+# + BLOCK_BYTES_PER_TOKEN_HIDDEN x h x t    one block's recomputation and backward outside the experts
+#                                           (norms, q/k/v, attention's output, residuals, their
+#                                           gradients) and the final norm's and loss's rows
+# + EXPERT_BYTES_PER_ROW_INTER x i x k x min(t, tile)
+#                                           one expert layer's backward over its rows: gate_up's output,
+#                                           its gradient and down's input gradient; a tile of rows
+#                                           above TILE_TOKENS (model/fast/tiled_moe.py)
+# + FIXED_ACTIVATION_BYTES                  the loss's chunk of logits and what does not grow with t
+#
+# Fitted to gpt-oss-20b's measured peaks above the loaded model (docs/BENCHMARKS.md, one H100, LoRA r16
+# on attention): 1.44 GiB at 4,096 tokens and 39.42 GiB at 131,072 (before tiling); the split between
+# the block and the experts from the expert layer's buffers (10 bytes per intermediate unit a row).
+# bench/big_memory.py measures them again and prints a fit of these constants.
+BLOCK_BYTES_PER_TOKEN_HIDDEN = 23.5
+EXPERT_BYTES_PER_ROW_INTER = 10.0
+FIXED_ACTIVATION_BYTES = 0.215 * GIB
+OFFLOAD_RESIDENT_BLOCKS = 2   # offloaded: a block's input being recomputed from, and the one fetched ahead
+# Loading: one layer's experts in bf16 while they are converted; measured 0.54 GiB above the loaded
+# gpt-oss-20b (32 experts), scaled by the size of a layer's gate_up_proj
+LOAD_BYTES_20B = 0.54 * GIB
 SMALL_CARD_GIB = 24     # below this, padded micro-batches run without CUDA graphs (train.py)
 HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
@@ -62,85 +89,167 @@ class Need:
     adapter: float
     optimizer: float
     activations: float
+    loading: float = 0.0      # above the model, while the largest tensor is converted
+    host: float = 0.0         # pinned host memory for offloaded blocks' inputs (not on the GPU)
 
     def total(self, embedding_on_gpu: bool) -> float:
-        return self.model + self.adapter + self.optimizer + self.activations + self.embedding * embedding_on_gpu
+        """The GPU's peak: training, or loading where that is higher."""
+        resident = self.model + self.embedding * embedding_on_gpu
+        return max(resident + self.adapter + self.optimizer + self.activations, resident + self.loading)
+
+
+def activations(config, tokens: int, offload: bool = False, tile: int | None = None, lm_head_nf4: bool = False,
+                fast=None) -> tuple[float, float]:
+    """(GPU bytes, pinned host bytes) of one micro-batch's activations of `tokens` tokens (the formula
+    above the constants); tile: model/fast/tiled_moe.py's (default TILE_TOKENS)."""
+    from model.fast.tiled_moe import TILE_TOKENS
+    t, h, i = tokens, config.hidden_size, config.intermediate_size
+    k, layers = config.num_experts_per_tok, config.num_hidden_layers
+    tile = TILE_TOKENS if tile is None else tile
+    inputs = layers * t * h * 2
+    on_gpu = min(layers, OFFLOAD_RESIDENT_BLOCKS) * t * h * 2 if offload else inputs
+    block = BLOCK_BYTES_PER_TOKEN_HIDDEN * h * t + EXPERT_BYTES_PER_ROW_INTER * i * k * min(t, tile)
+    if lm_head_nf4:   # an NF4 head is dequantised whole for each chunk of the loss, before the blocks' backward
+        block = max(block, config.vocab_size * h * 2)
+    total = on_gpu + block + FIXED_ACTIVATION_BYTES
+    if fast is not None and not fast.nf4_kernels:   # a layer's experts dequantised to bf16, both matrices
+        total += config.num_local_experts * h * 3 * i * 2
+    if fast is not None and not fast.flex_attention:   # eager attention's (heads, t, t) scores, ~5 copies
+        total += config.num_attention_heads * t ** 2 * 10
+    return total, inputs if offload else 0.0
 
 
 def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool, fast=None,
-         base: str = "nf4") -> Need:
-    """The estimate for a GptOssConfig in NF4 (the experts as `base` says), `trainable` adapter
-    parameters in float32, under the gate's `fast` paths (None: every fast path)."""
+         offload: bool = False, lm_head_nf4: bool = False, base: str = "nf4") -> Need:
+    """The estimate for a GptOssConfig in NF4 (the experts as `base` says), `trainable` adapter parameters
+    in float32, under the gate's `fast` paths (None: every fast path); offload: --offload-activations;
+    lm_head_nf4: the head in NF4."""
+    nf4, mxfp4, bf16 = _weights(json.dumps(config.to_dict(), sort_keys=True), lm_head_nf4, base)
+    embedding = config.vocab_size * config.hidden_size * 2
+    # weights and their gradients in float32; the graph step keeps a second gradient buffer
+    adapter = trainable * 4 * (3 if graphs else 2)
+    gpu, host = activations(config, tokens_per_micro_batch, offload, lm_head_nf4=lm_head_nf4, fast=fast)
+    gate_up = config.num_local_experts * config.hidden_size * 2 * config.intermediate_size
+    loading = LOAD_BYTES_20B * gate_up / (32 * 2880 * 5760)
+    return Need(model=nf4 * NF4_BYTES_PER_WEIGHT + mxfp4 * MXFP4_BYTES_PER_WEIGHT + bf16 * 2,
+                embedding=embedding, adapter=adapter,
+                optimizer=trainable * OPTIMIZER_BYTES[optim], activations=gpu, loading=loading, host=host)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights(config_json: str, lm_head_nf4: bool, base: str = "nf4") -> tuple[int, int, int]:
+    """(weights in NF4, in MXFP4, in bf16) but the embedding, from the model's shapes (built on meta: a
+    fraction of a second, so kept per config for the plan's many tries)."""
+    from model.config import GptOssConfig
     from model.gpt_oss import hub_shapes
-    nf4, bf16, mxfp4 = 0, 0, 0
-    for name, shape in hub_shapes(config).items():
+    nf4, mxfp4, bf16 = 0, 0, 0
+    head = ("lm_head.weight",) if lm_head_nf4 else ()
+    for name, shape in hub_shapes(GptOssConfig.from_dict(json.loads(config_json))).items():
         n = 1
         for s in shape:
             n *= s
         if name == "model.embed_tokens.weight":
             continue
         quantised = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                                   "experts.gate_up_proj", "experts.down_proj"))
+                                   "experts.gate_up_proj", "experts.down_proj", *head))
         in_mxfp4 = base == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
-        nf4, bf16 = nf4 + n * (quantised and not in_mxfp4), bf16 + n * (not quantised)
-        mxfp4 += n * in_mxfp4
-    embedding = config.vocab_size * config.hidden_size * 2
-    # weights and their gradients in float32; the graph step keeps a second gradient buffer
-    adapter = trainable * 4 * (3 if graphs else 2)
-    per_token = ACTIVATION_BYTES_PER_TOKEN_20B * config.hidden_size / 2880
-    activations = per_token * tokens_per_micro_batch
-    if fast is not None and not fast.nf4_kernels:   # a layer's experts dequantised to bf16, both matrices
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        activations += e * h * 3 * i * 2
-    if fast is not None and not fast.flex_attention:   # eager attention's (heads, t, t) scores, ~5 copies
-        activations += config.num_attention_heads * tokens_per_micro_batch ** 2 * 10
-    model = nf4 * NF4_BYTES_PER_WEIGHT + mxfp4 * MXFP4_BYTES_PER_WEIGHT + bf16 * 2
-    return Need(model=model, embedding=embedding, adapter=adapter,
-                optimizer=trainable * OPTIMIZER_BYTES[optim], activations=activations)
+        nf4, mxfp4, bf16 = nf4 + n * (quantised and not in_mxfp4), mxfp4 + n * in_mxfp4, bf16 + n * (not quantised)
+    return nf4, mxfp4, bf16
+
+
+class Plan(NamedTuple):
+    """The choices that fit, and the lines that say so."""
+    embedding_on_cpu: bool
+    optim: str
+    graphs: bool
+    lines: list[str]
+    offload: bool = False
+    lm_head_nf4: bool = False
+
+
+def _options(value, preferred):
+    """The settings to try: the user's own, or (None, "auto") each of `preferred` in order."""
+    return [value] if value is not None and value != "auto" else list(preferred)
 
 
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
-         embedding_on_cpu: bool | None, optim: str, fast=None, base: str = "nf4") -> tuple[bool, str, bool, list[str]]:
-    """(embedding on the CPU, optimizer, CUDA graphs, lines to print) that fit `usable` GiB; ValueError
-    if nothing does.
+         embedding_on_cpu: bool | None, optim: str, fast=None, offload: bool | None = False,
+         lm_head_nf4: bool | None = False, base: str = "nf4") -> Plan:
+    """The choices that fit `usable` GiB; ValueError, naming the flags that would fit, if none does.
 
-    None / "auto" leave the choice to the plan. Given up only where the run does not fit otherwise, in
-    this order: the embedding on the GPU (costs nothing), CUDA graphs (speed), AdamW's float32 moments
-    (bitsandbytes' 8-bit AdamW changes the update a little).
+    None / "auto" leave a choice to the plan. Given up only where the run does not fit otherwise, in
+    this order: the embedding on the GPU (costs nothing), CUDA graphs (speed), the blocks' inputs on
+    the GPU (--offload-activations: pinned host memory, copies that overlap compute; no graphs), the
+    bf16 lm_head (an NF4 head: the logits change a little), AdamW's float32 moments (bitsandbytes'
+    8-bit AdamW changes the update a little).
     """
     fits = usable * GIB * HEADROOM
-    choices = [(opt, on_cpu, g)
-               for opt in ([optim] if optim != "auto" else ["adamw", "adamw8bit"])
-               for g in ([True, False] if graphs else [False])
-               for on_cpu in ([embedding_on_cpu] if embedding_on_cpu is not None else [False, True])]
     tried = []
-    for opt, on_cpu, g in choices:
-        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, base)
-        total = n.total(not on_cpu)
-        tried.append(total)
-        if total <= fits:
-            lines = [f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}, "
-                     f"embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, adapter {n.adapter / GIB:.2f}, "
-                     f"optimizer {opt} {n.optimizer / GIB:.2f}, activations {n.activations / GIB:.2f} for "
-                     f"{tokens_per_micro_batch} tokens a micro-batch{'' if g or not graphs else '; no CUDA graphs'})"]
-            return on_cpu, opt, g, lines
+    for opt in _options(optim, ["adamw", "adamw8bit"]):
+        for head in _options(lm_head_nf4, [False, True]):
+            for off in _options(offload, [False, True]):
+                for g in ([True, False] if graphs and not off else [False]):
+                    for on_cpu in _options(embedding_on_cpu, [False, True]):
+                        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base)
+                        total = n.total(not on_cpu)
+                        tried.append(total)
+                        if total <= fits:
+                            return Plan(on_cpu, opt, g, describe(n, total, usable, opt, on_cpu, off, head, g,
+                                                                 graphs, tokens_per_micro_batch), off, head)
     raise ValueError(
         f"this run needs about {min(tried) / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is "
-        f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). Lower "
-        "--max-seq-len or --micro-batch-size, adapt fewer modules (--targets), pass --embedding-on-cpu and "
-        "--optim adamw8bit, or --cuda-graphs off")
+        f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). "
+        + would_fit(config, trainable, tokens_per_micro_batch, usable, fast, base))
+
+
+def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offload: bool, head: bool, g: bool,
+             graphs: bool, tokens: int) -> list[str]:
+    line = (f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}"
+            f"{', NF4 lm_head' if head else ''}, embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, "
+            f"adapter {n.adapter / GIB:.2f}, optimizer {opt} {n.optimizer / GIB:.2f}, activations "
+            f"{n.activations / GIB:.2f} for {tokens} tokens a micro-batch{'' if g or not graphs else '; no CUDA graphs'})")
+    if offload:
+        line += f"\n  --offload-activations: the blocks' inputs in {n.host / GIB:.2f} GiB of pinned host memory"
+    return [line]
+
+
+def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, base: str = "nf4") -> str:
+    """What to change, naming flags: every saving at once, and the longest --max-seq-len that then fits."""
+    fits = usable * GIB * HEADROOM
+    saving = "--embedding-on-cpu --offload-activations --lm-head-nf4 --optim adamw8bit --cuda-graphs off"
+    lowest = need(config, trainable, "adamw8bit", 0, False, fast, True, True, base)
+    if lowest.total(False) > fits:
+        return (f"Even the model alone does not fit ({lowest.total(False) / GIB:.1f} GiB with {saving}): "
+                "use a GPU with more memory, or adapt fewer modules (--targets)")
+    low, high = 0, tokens   # the most tokens that fit with every saving (need grows with tokens)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if need(config, trainable, "adamw8bit", mid, False, fast, True, True, base
+                                        ).total(False) <= fits else (low, mid)
+    if low >= tokens - 1:
+        return f"It fits with {saving}"
+    return (f"With {saving} it fits up to --max-seq-len {low} (and --micro-batch-size 1 without --packing); "
+            "or adapt fewer modules (--targets)")
+
+
+def placement(config) -> dict:
+    """load_model's options for where the weights live, as the plan settled them."""
+    return {"embedding_device": "cpu" if config.embedding_on_cpu else None, "lm_head_nf4": bool(config.lm_head_nf4)}
 
 
 def fit(config, model_config, resume=None):
     """train.py's device and the gate's fast paths on it; on a GPU, its "auto" settings
-    (--embedding-on-cpu, --optim, --cuda-graphs) settled by the plan, printed, before anything loads.
-    A resumed run keeps its checkpoint's optimizer."""
+    (--embedding-on-cpu, --offload-activations, --lm-head-nf4, --optim, --cuda-graphs) settled by the
+    plan, printed, before anything loads. A resumed run keeps its checkpoint's optimizer."""
     from lora.inject import count_trainable
     from model.fast import gate
     if resume is not None and config.optim == "auto":
         config.optim = resume.state["config"]["optim"]
+    if resume is not None and config.lm_head_nf4 is None:   # the head's storage is part of the math
+        config.lm_head_nf4 = resume.state["config"].get("lm_head_nf4", False)
     if not torch.cuda.is_available():
         config.embedding_on_cpu = bool(config.embedding_on_cpu)
+        config.offload_activations, config.lm_head_nf4 = bool(config.offload_activations), bool(config.lm_head_nf4)
         config.optim = "adamw" if config.optim == "auto" else config.optim
         return torch.device("cpu"), gate.decide("cpu", config.kernels)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -158,10 +267,15 @@ def fit(config, model_config, resume=None):
         print(f"no CUDA graphs: padded micro-batches take many shapes, which a card under {SMALL_CARD_GIB} GiB "
               "cannot hold a graph each for (--packing gives one shape)")
         graphs = False
-    config.embedding_on_cpu, config.optim, graphs, lines = plan(
-        model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
-        graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast, config.base)
-    if not graphs and config.cuda_graphs == "auto":
+    if config.offload_activations and config.cuda_graphs == "on":
+        raise ValueError("--offload-activations and --cuda-graphs on: a CUDA graph cannot replay the offloaded "
+                         "copies; pass one of them")
+    chosen = plan(model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
+                  graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
+                  config.offload_activations, config.lm_head_nf4, config.base)
+    config.embedding_on_cpu, config.optim = chosen.embedding_on_cpu, chosen.optim
+    config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
+    if not chosen.graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"
-    print("\n".join(lines))
+    print("\n".join(chosen.lines))
     return device, fast

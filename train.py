@@ -53,7 +53,7 @@ from data.splits import load_splits  # noqa: E402
 from eval import evaluate, format_table  # noqa: E402
 from eval.report import change  # noqa: E402
 from lora import inject, lora_parameters  # noqa: E402
-from memory_plan import fit  # noqa: E402
+from memory_plan import fit, placement  # noqa: E402
 from model import GptOss, GptOssConfig, load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
@@ -112,9 +112,9 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
     """The whole run: model, adapter, data, optimizer, then the loop of steps. Returns the exit code."""
     started = time.monotonic()  # metrics.jsonl's "elapsed" counts from here
     out, accum = Path(config.output_dir), config.grad_accum * world.size  # micro-batches a step, all ranks
-    # ("auto" settings are the checkpoint's to decide: the memory plan below reads them from it)
+    # ("auto"/None settings are the checkpoint's to decide: the memory plan below reads them from it)
     wanted = {k: v for k, v in distributed.global_config(dataclasses.asdict(config), world).items()
-              if k not in FREE_ON_RESUME and v != "auto"}
+              if k not in FREE_ON_RESUME and v not in ("auto", None)}
     with world.rank0_first():  # rank 0 cleans up and sets damaged checkpoints aside; the others see the result
         if world.main:
             checkpoints.clean_leftovers(out, say)
@@ -136,10 +136,10 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
         tokenizer = tiny_tokenizer()
     else:
         with user_errors(f"cannot load the model {config.model!r}"):
-            model = load_model(config.model, quantize="nf4", experts=config.base, device=device,
-                               dtype=torch.bfloat16, embedding_device="cpu" if config.embedding_on_cpu else None)
+            model = load_model(config.model, quantize="nf4", experts=config.base, device=device, dtype=torch.bfloat16,
+                               **placement(config))
             tokenizer = load_tokenizer(config.model)
-    model.gradient_checkpointing = config.gradient_checkpointing
+    model.gradient_checkpointing, model.offload_activations = config.gradient_checkpointing, config.offload_activations
     with user_errors("cannot put LoRA into the model"):
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
     params = [p for _, p in lora_parameters(model)]

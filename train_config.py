@@ -71,6 +71,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
     embedding_on_cpu: bool | None = option(None, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory); "
                                            "default: where the memory plan needs it", type=bool)
+    offload_activations: bool | None = option(None, "keep the checkpointed blocks' inputs in pinned CPU memory, "
+                                              "copied out and back beside the compute (no CUDA graphs; at 131,072 "
+                                              "tokens 0.7 GB a block); default: where the memory plan needs it", type=bool)
+    lm_head_nf4: bool | None = option(None, "store the lm_head in NF4 (saves ~0.8 GB; the logits change a little); "
+                                      "default: only where the memory plan needs it", type=bool)
     optim: str = option("auto", "adamw, adamw8bit (bitsandbytes' 8-bit AdamW: moments in a quarter of the "
                         "memory) or auto (adamw8bit only where the memory plan says adamw does not fit)")
     kernels: str = option("auto", "fast paths: auto (every one this GPU and the installed torch/Triton allow, "
@@ -97,7 +102,7 @@ class TrainConfig:
 # (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "cuda_graphs", "kernels", "packing"}  # packing: the same steps
+                  "embedding_on_cpu", "offload_activations", "cuda_graphs", "kernels", "packing"}  # packing: the same steps
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one clear message, never as a traceback."""

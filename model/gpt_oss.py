@@ -13,6 +13,7 @@ from .attention import Attention
 from .config import GptOssConfig
 from .fast import gate
 from .fast.compiled import compilable
+from .fast.offload import Offload
 from .fast.recompute import mark_recomputation
 from .loss import chunked_cross_entropy, cross_entropy_rows
 from .moe import MLP
@@ -81,6 +82,7 @@ class GptOss(nn.Module):
         self.config = config
         self.attention = attention
         self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
+        self.offload_activations = False     # with checkpointing: keep those inputs in host memory (fast/offload.py)
         self.fast_paths: gate.FastPaths | None = None
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -133,12 +135,19 @@ class GptOss(nn.Module):
             cos, sin = cos[positions], sin[positions]                # (batch, seq, head_dim / 2)
         # a capture forbids reading the RNG state; graphs run without dropout, so a block draws nothing random
         keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        offload = Offload(x.device) if checkpointing and self.offload_activations else None
         for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if offload is not None:   # the block's input goes to host memory, back for its recomputation
+                x = checkpoint(offload.run, block, offload.keep(x), cos, sin, fast, flex, doc_ids, use_reentrant=False,
+                               preserve_rng_state=keep_rng, context_fn=mark_recomputation)
+            elif checkpointing:
                 x = checkpoint(block, x, cos, sin, fast, flex, doc_ids, use_reentrant=False,
                                preserve_rng_state=keep_rng, context_fn=mark_recomputation)
             else:
                 x = block(x, cos, sin, fast, flex, doc_ids)
+        if offload is not None:
+            offload.forward_done()
         return self.model.norm(x, fast.compiled)
 
     def hidden_states(self, input_ids, doc_ids=None, positions=None):

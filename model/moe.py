@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import GptOssConfig
 from .fast.compiled import compilable
+from .fast.tiled_moe import TILE_TOKENS, tiled_experts, tiles
 
 
 EXPERT_MATRICES = ("gate_up_proj", "down_proj")  # the experts' weights, as the hub names them
@@ -224,11 +225,14 @@ class MLP(nn.Module):
         super().__init__()
         self.router = Router(config)
         self.experts = Experts(config)
+        self.tile = TILE_TOKENS   # above this many tokens the experts run a tile at a time (model/fast/tiled_moe.py)
 
     def forward(self, x, fast=None):
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx = self.router(flat)
+        if tiles(len(flat), self.tile):   # a long sequence: intermediates bounded by the tile
+            return tiled_experts(self.experts, flat, weights, idx, fast, self.tile).view(b, t, d)
         return self.experts(flat, weights, idx, fast).view(b, t, d)
 
 

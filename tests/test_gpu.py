@@ -228,3 +228,71 @@ def test_a_non_finite_step_is_skipped(small_model, tmp_path):
     skipped = [r for r in records if r.get("kind") == "train" and r["skipped"]]
     assert skipped, records
     assert done.returncode in (0, 1), done.stderr[-2000:]
+
+
+# --- long sequences: tiled experts and offloaded checkpoints on the GPU (issue 16) ---------------
+
+def lora_grads(model, params, ids, graphed=None):
+    """The adapter's gradient of one micro-batch's summed loss, eager or through a GraphedStep."""
+    for p in params:
+        p.grad = None
+    if graphed is None:
+        total, _ = model.loss(ids, ids.cpu(), "sum")
+        total.backward()
+    else:
+        total = graphed.step(ids, ids.cpu(), 1.0)
+    torch.cuda.synchronize()
+    return total.detach().clone(), [p.grad.clone() for p in params]
+
+
+@pytest.fixture(scope="module")
+def small_nf4(small_model):
+    from lora import inject, lora_parameters
+    from model import load_model
+    model = load_model(str(small_model / "model"), quantize="nf4", device="cuda", dtype=torch.bfloat16)
+    inject(model, rank=8, alpha=8, verbose=False)
+    model.gradient_checkpointing, model.fast_paths = True, fast()
+    model.train()
+    return model, [p for _, p in lora_parameters(model)]
+
+
+def set_tile(model, tile):
+    for block in model.model.layers:
+        block.mlp.tile = tile
+
+
+def test_tiled_experts_equal_the_whole_layer_eager_and_in_a_graph(small_nf4):
+    """Tiles of 64 tokens over 300: the NF4 layer's rows are the same products, so the same bits;
+    a CUDA graph of the tiled step (nested autograd in its backward) replays the eager step's bits."""
+    from model.fast.cuda_graph import GraphedStep
+    model, params = small_nf4
+    ids = torch.randint(0, model.config.vocab_size, (1, 300), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(7))
+    set_tile(model, None)
+    whole = lora_grads(model, params, ids)
+    set_tile(model, 64)
+    try:
+        tiled = lora_grads(model, params, ids)
+        graphed = lora_grads(model, params, ids, GraphedStep(model, params, fast()))
+    finally:
+        set_tile(model, 8192)
+    for a, b in zip([whole[0], *whole[1]], [tiled[0], *tiled[1]]):
+        assert rel(a, b) < 1e-3
+    assert torch.equal(tiled[0], graphed[0]) or rel(tiled[0], graphed[0]) < 1e-6
+    for a, b in zip(tiled[1], graphed[1]):
+        assert rel(a, b) < 1e-3
+
+
+def test_offloaded_checkpoints_give_bit_identical_gradients_on_the_gpu(small_nf4):
+    """Pinned host copies on a side stream, prefetched in the backward: the same bits as kept on the GPU."""
+    model, params = small_nf4
+    ids = torch.randint(0, model.config.vocab_size, (1, 300), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(8))
+    results = []
+    for offload in (False, True):
+        model.offload_activations = offload
+        results.append(lora_grads(model, params, ids))
+    model.offload_activations = False
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)

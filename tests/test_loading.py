@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from conftest import hf_twin
 from model import GptOss, GptOssConfig, load_model
+from model.gpt_oss import hub_shapes
 from model.weights.loading import CheckpointError
 from model.weights.mxfp4 import FP4_VALUES, dequantize_mxfp4
 from model.weights.nf4 import NF4Experts, NF4Linear, nf4_bytes
@@ -233,3 +234,57 @@ def test_loading_never_holds_a_second_copy(tmp_path, quantize):
                          capture_output=True, text=True, check=True).stdout.split()
     grown, kept = int(out[0]), int(out[1])
     assert grown < kept + slack, (grown / 1e6, kept / 1e6, total / 1e6)
+
+
+# ---------------------------------------------------------------- gpt-oss-120b's shapes
+def test_120b_shaped_mxfp4_layers_stream_into_nf4(tmp_path):
+    """Layers of gpt-oss-120b's shape in the hub's MXFP4 layout: 128 experts, top 4, hidden 2880,
+    64 query and 8 key/value heads of 64, a sliding and a full layer. Reduced to run in seconds on
+    the CPU: 2 layers of 36, intermediate_size 32 of 2880 (so each expert matrix keeps 120b's
+    2880-wide side and its 128 experts), a vocabulary of 1,024. The MXFP4 codes and scales are drawn
+    at random, written as the hub stores them; the NF4 experts must be their dequantisation, up to
+    NF4's own rounding, and the model must train (LoRA on attention)."""
+    from lora import inject, lora_parameters
+    preset = GptOssConfig.from_name("gpt-oss-120b")
+    config = GptOssConfig.from_dict({**preset.to_dict(), "num_hidden_layers": 2, "layer_types": [], "intermediate_size": 32,
+                             "vocab_size": 1024, "pad_token_id": 0, "eos_token_id": 1,
+                             "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}})
+    assert (config.num_local_experts, config.num_experts_per_tok, config.hidden_size) == (128, 4, 2880)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in hub_shapes(config).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, n_out = shape                                  # stored (experts, out, in / 32, 16)
+            tensors[name + "_blocks"] = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            tensors[name + "_scales"] = torch.randint(119, 123, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({k: v for k, v in config.to_dict().items()}, f)
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(2):   # two shards, as the hub's
+        part = {k: tensors[k] for k in names[i::2]}
+        save_file(part, str(tmp_path / f"model-{i + 1:05d}-of-00002.safetensors"))
+        weight_map.update({k: f"model-{i + 1:05d}-of-00002.safetensors" for k in part})
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+    model = load_model(str(tmp_path), quantize="nf4", device="cpu", dtype=torch.float32, attention="eager")
+    for layer in range(2):
+        experts = model.model.layers[layer].mlp.experts
+        assert isinstance(experts, NF4Experts) and experts.num_experts == 128
+        for name in ("gate_up_proj", "down_proj")[layer:]:   # (one matrix of the second layer: time)
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            dense = dequantize_mxfp4(tensors[key + "_blocks"], tensors[key + "_scales"], torch.float32).transpose(1, 2)
+            got = experts.dequantized(name)
+            assert got.shape == dense.shape == hub_shapes(config)[key]
+            # NF4 rounds each value to one of 16 levels of its block of 64's absmax: within half the widest gap
+            assert (got - dense).abs().max() <= 0.2 * dense.abs().max()
+            assert torch.corrcoef(torch.stack([got.flatten(), dense.flatten()]))[0, 1] > 0.99
+    inject(model, rank=4, alpha=4, verbose=False)
+    ids = torch.randint(0, 1024, (1, 12), generator=g)
+    model.loss(ids, ids).backward()
+    assert all(p.grad is not None for _, p in lora_parameters(model))

@@ -1,7 +1,9 @@
 """The memory plan (memory_plan.py) and the fast-path gate (model/fast/gate.py), on the CPU."""
 import pytest
 
-from memory_plan import GIB, need, plan
+from lora.inject import count_trainable
+from memory_plan import EXPERT_BYTES_PER_ROW_INTER, GIB, NF4_BYTES_PER_WEIGHT, activations, need, plan
+from model.fast.tiled_moe import TILE_TOKENS
 from model import GptOssConfig
 from model.fast import gate
 from model.fast.gate import FastPaths
@@ -25,15 +27,14 @@ def test_the_nf4_model_is_counted_from_its_shapes(gpt_oss_20b):
 
 
 def test_the_default_run_fits_a_16_gb_card_as_it_is(gpt_oss_20b):
-    on_cpu, optim, graphs, lines = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto")
-    assert (on_cpu, optim, graphs) == (False, "adamw", True)
-    assert lines[0].startswith("memory plan: 13.25 GiB of 15.58 GiB usable")   # 13.11 GiB measured
+    chosen = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
+    assert chosen[:3] == (False, "adamw", True) and not chosen.offload and not chosen.lm_head_nf4
+    assert chosen.lines[0].startswith("memory plan: 13.25 GiB of 15.58 GiB usable")   # 13.11 GiB measured
 
 
 def test_choices_are_given_up_in_order_only_where_needed(gpt_oss_20b):
     # expert LoRA: the embedding moves first, then the graphs' gradient buffers go, then 8-bit AdamW
-    on_cpu, optim, graphs, _ = plan(gpt_oss_20b, EXPERTS_R16, 4096, True, CARD, None, "auto")
-    assert (on_cpu, optim, graphs) == (True, "adamw8bit", False)
+    assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, CARD, None, "auto")[:3] == (True, "adamw8bit", False)
     # a roomy card keeps everything
     assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, 80, None, "auto")[:3] == (False, "adamw", True)
     # what the user fixed stays fixed, even where it then does not fit
@@ -46,7 +47,7 @@ def test_the_plain_path_counts_its_dequantised_experts_and_score_matrix(gpt_oss_
     n = need(gpt_oss_20b, ATTENTION_R16, "adamw", 4096, graphs=False, fast=plain)
     fast = need(gpt_oss_20b, ATTENTION_R16, "adamw", 4096, graphs=False)
     assert n.activations - fast.activations == 32 * 2880 * 3 * 2880 * 2 + 64 * 4096 ** 2 * 10
-    with pytest.raises(ValueError, match="Lower --max-seq-len"):
+    with pytest.raises(ValueError, match="it fits up to --max-seq-len"):
         plan(gpt_oss_20b, ATTENTION_R16, 4096, False, CARD, None, "auto", plain)
     assert plan(gpt_oss_20b, ATTENTION_R16, 1024, False, CARD, None, "auto", plain)[1] == "adamw"
 
@@ -62,3 +63,62 @@ def test_the_gate_on_the_cpu_and_when_forced_plain(monkeypatch):
     assert not plain.nf4_kernels and "--kernels plain" in plain.describe()
     with pytest.raises(ValueError, match="kernels must be auto or plain"):
         gate.decide("cpu", "fast")
+
+
+# ---------------------------------------------------------------- the sequence length, offloading, 120b
+@pytest.fixture(scope="module")
+def gpt_oss_120b():
+    return GptOssConfig.from_name("gpt-oss-120b")
+
+
+def test_activations_grow_with_the_sequence_and_tiles_bound_the_experts(gpt_oss_20b):
+    lengths = [2048, 4096, 8192, 32768, 131072]
+    for offload in (False, True):
+        act = [activations(gpt_oss_20b, t, offload)[0] for t in lengths]
+        assert act == sorted(act) and len(set(act)) == len(act)
+    # the checkpointed inputs alone are 24 x t x 2880 x 2 bytes; offloaded, they go to the host
+    inputs = 24 * 131072 * 2880 * 2
+    on, off = activations(gpt_oss_20b, 131072, True), activations(gpt_oss_20b, 131072, False)
+    assert off[0] - on[0] == inputs - 2 * 131072 * 2880 * 2 and on[1] == inputs and off[1] == 0
+    # above the tile the experts' share stops growing: tiles of 8,192 against the whole sequence
+    whole = activations(gpt_oss_20b, 131072, tile=131072)[0]
+    assert whole - off[0] == pytest.approx(EXPERT_BYTES_PER_ROW_INTER * 2880 * 4 * (131072 - TILE_TOKENS))
+    assert activations(gpt_oss_20b, 4096, tile=131072) == activations(gpt_oss_20b, 4096)
+
+
+def test_the_full_context_needs_less_offloaded_and_fits_a_24_gb_card_only_so(gpt_oss_20b):
+    kept = need(gpt_oss_20b, ATTENTION_R16, "adamw", 131072, graphs=False)
+    offloaded = need(gpt_oss_20b, ATTENTION_R16, "adamw", 131072, graphs=False, offload=True)
+    assert offloaded.total(True) < kept.total(True) - 15 * GIB
+    chosen = plan(gpt_oss_20b, ATTENTION_R16, 131072, True, 23.5, None, "auto", offload=None, lm_head_nf4=None)
+    assert chosen.offload and not chosen.graphs and "pinned host memory" in "\n".join(chosen.lines)
+    assert not plan(gpt_oss_20b, ATTENTION_R16, 131072, True, 79, None, "auto", offload=None).offload
+    assert not plan(gpt_oss_20b, ATTENTION_R16, 4096, True, 23.5, None, "auto", offload=None).offload
+
+
+def test_120b_attention_lora_fits_80_gb_and_at_the_full_context_with_offloading(gpt_oss_120b, gpt_oss_20b):
+    n = need(gpt_oss_120b, count_trainable(gpt_oss_120b, rank=16), "adamw", 4096, graphs=True)
+    # 36 layers x 128 experts x (2880 x 5760 + 2880 x 2880) weights in NF4, about 54 GiB
+    experts = 36 * 128 * 3 * 2880 * 2880
+    assert 0.99 < n.model / (experts * NF4_BYTES_PER_WEIGHT) < 1.03
+    assert n.loading > 3 * need(gpt_oss_20b, ATTENTION_R16, "adamw", 4096, graphs=True).loading
+    card = 79.1                              # an 80 GB H100's memory
+    trainable = count_trainable(gpt_oss_120b, rank=16)
+    short = plan(gpt_oss_120b, trainable, 4096, True, card, None, "auto", offload=None, lm_head_nf4=None)
+    assert not short.offload and not short.lm_head_nf4
+    full = plan(gpt_oss_120b, trainable, 131072, True, card, None, "auto", offload=None, lm_head_nf4=None)
+    assert full.offload and full.optim == "adamw"
+    with pytest.raises(ValueError, match="at the least"):   # the full context kept on the GPU does not fit
+        plan(gpt_oss_120b, trainable, 131072, True, card, None, "auto", offload=False, lm_head_nf4=False)
+
+
+def test_too_small_a_card_is_told_the_flags_and_the_length_that_fit(gpt_oss_20b, gpt_oss_120b):
+    with pytest.raises(ValueError) as e:
+        plan(gpt_oss_20b, ATTENTION_R16, 131072, True, 14.0, None, "auto", offload=None, lm_head_nf4=None)
+    message = str(e.value)
+    assert "--offload-activations" in message and "--embedding-on-cpu" in message
+    longest = int(message.split("fits up to --max-seq-len ")[1].split()[0])
+    assert 0 < longest < 131072
+    assert plan(gpt_oss_20b, ATTENTION_R16, longest, True, 14.0, True, "adamw8bit", offload=True, lm_head_nf4=True)
+    with pytest.raises(ValueError, match="Even the model alone does not fit"):
+        plan(gpt_oss_120b, ATTENTION_R16, 4096, True, 24, None, "auto", offload=None, lm_head_nf4=None)

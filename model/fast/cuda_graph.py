@@ -29,6 +29,9 @@ def graph_problem(model: nn.Module, fast: FastPaths) -> str | None:
         if isinstance(m, nn.Dropout) and m.p > 0:
             return (f"{name} has dropout {m.p:g}: a checkpointed block replays its dropout mask from the "
                     "saved RNG state, which a capture cannot read; train with dropout 0")
+    if getattr(model, "offload_activations", False) and getattr(model, "gradient_checkpointing", False):
+        return ("the blocks' inputs are offloaded to host memory (--offload-activations), into buffers made "
+                "at each step, which a replayed graph would not own")
     for name, m in model.named_modules():
         if isinstance(m, NF4Experts) and m.group < m.num_experts:
             return (f"{name} holds its experts in groups of {m.group} (experts_per_group), which slices the "
