@@ -43,7 +43,7 @@ SWITCH = {"auto": None, "on": True, "off": False}
 def random_nf4_model(config, device, embedding_on_cpu: bool, lm_head_nf4: bool, seed: int = 0):
     """A GptOss with random weights, built as load_model builds one (NF4 on `device`), a tensor at a time."""
     torch.manual_seed(seed)
-    model = _skeleton(config, "nf4", lm_head_nf4, "auto", None)
+    model = _skeleton(config, "nf4", "nf4", lm_head_nf4, "auto", None)
     for name, shape in hub_shapes(config).items():
         embedding = name == "model.embed_tokens.weight"
         if name.endswith("norm.weight"):

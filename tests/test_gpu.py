@@ -251,6 +251,10 @@ def small_nf4(small_model):
     from model import load_model
     model = load_model(str(small_model / "model"), quantize="nf4", device="cuda", dtype=torch.bfloat16)
     inject(model, rank=8, alpha=8, verbose=False)
+    generator = torch.Generator("cuda").manual_seed(3)
+    for name, p in lora_parameters(model):   # B != 0, so A's gradients are not all zero
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.02, generator=generator)
     model.gradient_checkpointing, model.fast_paths = True, fast()
     model.train()
     return model, [p for _, p in lora_parameters(model)]
