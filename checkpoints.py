@@ -334,8 +334,11 @@ def choose(out: Path, resume: str | None, compute_config: dict, say) -> Checkpoi
 
 
 def same_run(checkpoint: Checkpoint, compute_config: dict):
-    """Refuse a checkpoint of a run that was configured differently (the data is checked in restore)."""
-    saved = checkpoint.state["run"]["config"]
+    """Refuse a checkpoint of a run that was configured differently (the data is checked in restore).
+    A setting the checkpoint does not hold (added to train.py after it was written) counts as its default."""
+    from train_config import TrainConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**defaults, **checkpoint.state["run"]["config"]}
     differ = [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the checkpoint, {v!r} now"
               for k, v in compute_config.items() if saved.get(k) != v]
     if differ:

@@ -436,3 +436,15 @@ def test_ctrl_c_with_stdout_and_stderr_closed_still_saves_and_resumes_exactly(ta
     assert_same_tensors(adapter(out / "adapter"), adapter(tmp_path / "straight" / "adapter"))
     assert_same_tensors(load_file(str(out / "checkpoint-6" / "optimizer.safetensors")),
                         load_file(str(tmp_path / "straight" / "checkpoint-6" / "optimizer.safetensors")))
+
+
+def test_a_setting_added_after_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before --base existed resumes a run at the default (nf4), and is refused,
+    by name, for another value; a setting it does hold is compared as saved."""
+    state = {"run": {"config": {"rank": 16}}, "progress": {"step": 3}}
+    old = checkpoints.Checkpoint(folder="checkpoint-3", state=state, optimizer={}, rng={})
+    checkpoints.same_run(old, {"rank": 16, "base": "nf4"})
+    with pytest.raises(checkpoints.Refused, match="--base: 'nf4' in the checkpoint, 'mxfp4' now"):
+        checkpoints.same_run(old, {"rank": 16, "base": "mxfp4"})
+    with pytest.raises(checkpoints.Refused, match="--rank: 16 in the checkpoint, 8 now"):
+        checkpoints.same_run(old, {"rank": 8, "base": "nf4"})
