@@ -145,20 +145,10 @@ def _check(x, w, offsets):
 
 
 def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
-    e, k, n = _check(x, w, offsets)
-    assert x.shape[1] == k, (x.shape, w.shape)
-    assert {"HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None} in FORWARD_VARIANTS
-    y = x.new_empty(x.shape[0], n) if store_y else None
-    h = x.new_empty(x.shape[0], n // 2) if swiglu else None
-    alpha, limit = swiglu or (0.0, 0.0)
     t = tiles or _tiles(x, transposed=False)
     assert t["BK"] % BLOCK == 0, t
-    grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
-    some = y if store_y else h                                 # stands in for the pointers not used
-    _grouped_mm_kernel[grid](x, w.blocks, w.scales, w.lut, offsets, bias if bias is not None else some,
-                             some, h if swiglu else some, k, n, e, alpha, limit, HAS_BIAS=bias is not None,
-                             STORE_Y=store_y, SWIGLU=swiglu is not None, **t)
-    return y, h
+    return nf4_gemm.launch(_grouped_mm_kernel, (w.blocks, w.scales, w.lut), x, offsets, _check(x, w, offsets),
+                           bias, swiglu, store_y, t)
 
 
 def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None):
@@ -175,11 +165,6 @@ def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=Tr
 
 def grouped_mm_t(dy, w, offsets, tiles: dict | None = None):
     """dy (rows, out) sorted by expert, w an MXFP4Tensor (experts, in, out) -> dy @ W[e]^T."""
-    e, k, n = _check(dy, w, offsets)
-    assert dy.shape[1] == n, (dy.shape, w.shape)
-    dx = dy.new_empty(dy.shape[0], k)
     t = tiles or _tiles(dy, transposed=True)
     assert t["BK"] % BLOCK == 0, t
-    grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
-    _grouped_mm_t_kernel[grid](dy, w.blocks, w.scales, w.lut, offsets, dx, k, n, e, **t)
-    return dx
+    return nf4_gemm.launch_t(_grouped_mm_t_kernel, (w.blocks, w.scales, w.lut), dy, offsets, _check(dy, w, offsets), t)

@@ -202,21 +202,40 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
-    e, k, n = _check(x, w, offsets)
-    assert x.shape[1] == k, (x.shape, w.shape)
+def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict):
+    """Launch a forward kernel over expert-sorted rows x: this module's on NF4 `operands` (codes, block
+    scales, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape: (experts, in, out)."""
+    e, k, n = shape
+    assert x.shape[1] == k, (x.shape, shape)
     assert {"HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None} in FORWARD_VARIANTS
     y = x.new_empty(x.shape[0], n) if store_y else None
     h = x.new_empty(x.shape[0], n // 2) if swiglu else None
     alpha, limit = swiglu or (0.0, 0.0)
-    t = tiles or _tiles(x, transposed=False)
     grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
-    code = w.state.code.to(device=x.device, dtype=torch.float32)
     some = y if store_y else h                                 # stands in for the pointers not used
-    _grouped_mm_kernel[grid](x, w.packed, scales(w), code, offsets, bias if bias is not None else some, some,
-                             h if swiglu else some, k, n, e, alpha, limit, HAS_BIAS=bias is not None,
-                             STORE_Y=store_y, SWIGLU=swiglu is not None, **t)
+    kernel[grid](x, *operands, offsets, bias if bias is not None else some, some, h if swiglu else some, k, n, e,
+                 alpha, limit, HAS_BIAS=bias is not None, STORE_Y=store_y, SWIGLU=swiglu is not None, **t)
     return y, h
+
+
+def launch_t(kernel, operands: tuple, dy, offsets, shape: tuple, t: dict):
+    """Launch a transposed kernel, dy @ W[e]^T over expert-sorted rows (operands as for `launch`)."""
+    e, k, n = shape
+    assert dy.shape[1] == n, (dy.shape, shape)
+    dx = dy.new_empty(dy.shape[0], k)
+    grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
+    kernel[grid](dy, *operands, offsets, dx, k, n, e, **t)
+    return dx
+
+
+def operands(w, device) -> tuple:
+    """What the kernels read of an NF4Tensor: its packed codes, each block's fp32 scale, the code book."""
+    return w.packed, scales(w), w.state.code.to(device=device, dtype=torch.float32)
+
+
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
+    return launch(_grouped_mm_kernel, operands(w, x.device), x, offsets, _check(x, w, offsets), bias, swiglu,
+                  store_y, tiles or _tiles(x, transposed=False))
 
 
 def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None):
@@ -234,11 +253,5 @@ def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=Tr
 
 def grouped_mm_t(dy, w, offsets, tiles: dict | None = None):
     """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T."""
-    e, k, n = _check(dy, w, offsets)
-    assert dy.shape[1] == n, (dy.shape, w.shape)
-    dx = dy.new_empty(dy.shape[0], k)
-    t = tiles or _tiles(dy, transposed=True)
-    grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
-    code = w.state.code.to(device=dy.device, dtype=torch.float32)
-    _grouped_mm_t_kernel[grid](dy, w.packed, scales(w), code, offsets, dx, k, n, e, **t)
-    return dx
+    return launch_t(_grouped_mm_t_kernel, operands(w, dy.device), dy, offsets, _check(dy, w, offsets),
+                    tiles or _tiles(dy, transposed=True))
