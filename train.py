@@ -377,7 +377,8 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
 # ----------------------------------------------------------------------------- data
 def adapter_base(config: TrainConfig) -> dict:
     """The base model an adapter of this run belongs to, as save_adapter records it (tiny: and its seed)."""
-    return {"base_model": config.model, "base_seed": config.seed if config.model == "tiny" else None}
+    return {"base_model": config.model, "base_seed": config.seed if config.model == "tiny" else None,
+            "base_experts": config.base}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from data import MAX_LEN, read_split
-from eval.loading import add_adapter, check_adapter, load
+from eval.loading import add_adapter, check_adapter, experts_of, load
 from eval.report import change, evaluate, format_table
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {error}") from None
     out = Path(args.out) if args.out else data_path.parent / "eval_report.json"
 
-    model, tokenizer = load(args.model, args.seed)
+    model, tokenizer = load(args.model, args.seed, experts_of(args.adapter))
     options = dict(batch_size=args.batch_size, threshold=args.threshold, generate=args.generate,
                    max_len=args.max_len, max_new_tokens=args.max_new_tokens, progress=True)
     results = {"base": evaluate(model, tokenizer, examples, **options)}

@@ -14,7 +14,7 @@ import json
 import sys
 
 from data import MAX_LEN, shortest_max_len
-from eval.loading import add_adapter, check_adapter, load
+from eval.loading import add_adapter, check_adapter, experts_of, load
 from eval.score import classify
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> list[dict]:
     if args.adapter is not None:
         check_adapter(args.adapter)
     prompts = read_prompts(args)
-    model, tokenizer = load(args.model, args.seed)
+    model, tokenizer = load(args.model, args.seed, experts_of(args.adapter))
     if args.adapter is not None:
         add_adapter(model, args.adapter, args.model, args.seed)
     if args.max_len < shortest_max_len(tokenizer):

@@ -8,18 +8,32 @@ import torch
 
 from data import load_tokenizer, tiny_tokenizer
 from model import GptOss, GptOssConfig, load_model
+from model.weights.loading import mxfp4_experts
 
 
-def load(name: str, seed: int):
-    """(model, tokenizer): the tiny random model on the CPU, or a checkpoint in NF4 on the GPU."""
+def experts_of(adapter: str | None) -> str:
+    """The expert storage to score with: the one the adapter was trained against (train.py --base), else NF4."""
+    if adapter is None:
+        return "nf4"
+    from lora import base_experts  # only this path needs lora/
+    try:
+        return base_experts(adapter)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: could not load --adapter {adapter}: {error}") from None
+
+
+def load(name: str, seed: int, experts: str = "nf4"):
+    """(model, tokenizer): the tiny random model on the CPU, or a checkpoint in NF4 on the GPU; the
+    experts stored as `experts` says ("nf4" or "mxfp4", as train.py --base)."""
     if name == "tiny":
         torch.manual_seed(seed)  # as train.py builds it: the same seed gives the same weights
-        return GptOss(GptOssConfig.from_name("tiny")).eval(), tiny_tokenizer()
+        model = GptOss(GptOssConfig.from_name("tiny"))
+        return (mxfp4_experts(model) if experts == "mxfp4" else model).eval(), tiny_tokenizer()
     if not torch.cuda.is_available():
         raise SystemExit(f"error: --model {name} needs a CUDA GPU (NF4 weights, bf16 compute) and none "
                          "was found; run on a GPU machine, or pass --model tiny to check the pipeline")
     try:
-        model = load_model(name, quantize="nf4")
+        model = load_model(name, quantize="nf4", experts=experts)
         tokenizer = load_tokenizer(name)
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         raise SystemExit(f"error: could not load --model {name}: {error}") from None

@@ -67,7 +67,8 @@ def _entries(model: nn.Module):
                        _experts_B_to_peft, _experts_B_from_peft)
 
 
-def adapter_config(model: nn.Module, base_model: str | None = None, base_seed: int | None = None) -> dict:
+def adapter_config(model: nn.Module, base_model: str | None = None, base_seed: int | None = None,
+                   base_experts: str | None = None) -> dict:
     """adapter_config.json for PEFT's LoraConfig, from `model.lora_config` and the base it was trained on."""
     c = model.lora_config
     params = c["target_parameters"]
@@ -75,6 +76,8 @@ def adapter_config(model: nn.Module, base_model: str | None = None, base_seed: i
         base_model = os.path.abspath(os.path.expanduser(base_model))  # a folder means the same from anywhere
     # "base_model_seed" is ours (PEFT ignores it): a random base such as 'tiny' is known by its seed
     seed = {} if base_seed is None else {"base_model_seed": base_seed}
+    # ours too: how the frozen experts were stored in training (train.py --base), so eval scores that base
+    seed |= {} if base_experts is None else {"base_model_experts": base_experts}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, **seed,
         "r": c["r"], "lora_alpha": c["lora_alpha"], "use_rslora": c["use_rslora"],
@@ -88,11 +91,13 @@ def adapter_config(model: nn.Module, base_model: str | None = None, base_seed: i
     }
 
 
-def save_adapter(model: nn.Module, folder: str, base_model: str | None = None, base_seed: int | None = None):
+def save_adapter(model: nn.Module, folder: str, base_model: str | None = None, base_seed: int | None = None,
+                 base_experts: str | None = None):
     """Write the adapter (float32) and its config to `folder`, in PEFT's layout.
 
     base_model (a hub id or folder) and, for a random base such as 'tiny', base_seed name the model the
-    adapter belongs to; load_adapter checks them.
+    adapter belongs to; load_adapter checks them. base_experts: "nf4" or "mxfp4", the experts' storage
+    it was trained against (`base_experts` reads it back).
     """
     if not hasattr(model, "lora_config"):
         raise ValueError("the model has no LoRA: call lora.inject(model, ...) first")
@@ -102,8 +107,14 @@ def save_adapter(model: nn.Module, folder: str, base_model: str | None = None, b
     save_file(tensors, os.path.join(folder, WEIGHTS + ".tmp"), metadata={"format": "pt"})
     os.replace(os.path.join(folder, WEIGHTS + ".tmp"), os.path.join(folder, WEIGHTS))
     with open(os.path.join(folder, CONFIG + ".tmp"), "w") as f:
-        json.dump(adapter_config(model, base_model, base_seed), f, indent=2)
+        json.dump(adapter_config(model, base_model, base_seed, base_experts), f, indent=2)
     os.replace(os.path.join(folder, CONFIG + ".tmp"), os.path.join(folder, CONFIG))
+
+
+def base_experts(folder: str) -> str:
+    """How the experts were stored when the adapter in `folder` was trained: "nf4" (also for adapters
+    that do not say, such as PEFT's) or "mxfp4"."""
+    return _read_config(folder).get("base_model_experts", "nf4")
 
 
 def _read_config(folder: str) -> dict:

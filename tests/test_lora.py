@@ -285,13 +285,18 @@ def test_an_adapter_records_its_base_and_refuses_another(tiny_model, tmp_path, m
         load_adapter(GptOss(tiny_model.config), tmp_path / "anonymous", base_model="tiny", base_seed=0)
 
 
-def test_peft_reads_the_recorded_base_and_ignores_our_seed_field(tiny_model, tmp_path):
+def test_peft_reads_the_recorded_base_and_ignores_our_seed_and_experts_fields(tiny_model, tmp_path):
     from peft import LoraConfig
+    from lora import base_experts
     inject(tiny_model, rank=4, verbose=False)
-    save_adapter(tiny_model, tmp_path / "adapter", base_model="tiny", base_seed=3)
-    with pytest.warns(UserWarning, match="base_model_seed"):  # PEFT names the key it leaves out
+    save_adapter(tiny_model, tmp_path / "adapter", base_model="tiny", base_seed=3, base_experts="mxfp4")
+    with pytest.warns(UserWarning, match="base_model_seed") as caught:  # PEFT names the keys it leaves out
         config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert any("base_model_experts" in str(w.message) for w in caught)
     assert config.base_model_name_or_path == "tiny" and config.r == 4
+    assert base_experts(str(tmp_path / "adapter")) == "mxfp4"
+    save_adapter(tiny_model, tmp_path / "plain", base_model="tiny", base_seed=3)
+    assert base_experts(str(tmp_path / "plain")) == "nf4"              # an adapter that does not say: NF4
 
 
 def logits_of(hf_model, input_ids):

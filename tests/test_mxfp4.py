@@ -5,6 +5,7 @@ The interpreter cannot do bf16 arithmetic, so the kernels run in float32 here, w
 weights are exact: multiplied by an identity they must come out bit for bit as dequantize_mxfp4's.
 """
 import importlib
+import json
 import math
 
 import pytest
@@ -298,6 +299,20 @@ def test_train_py_runs_the_tiny_model_with_mxfp4_experts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "experts: MXFP4, quantised from the model's own weights" in out and "base                     mxfp4" in out
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    # the adapter says which base it was trained against, and python -m eval scores on that base: its
+    # adapter column is train.py's last evaluation (a dense-expert base would score differently)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_experts"] == "mxfp4"
+    from eval.__main__ import main as evaluate
+    report = evaluate(["--model", "tiny", "--adapter", str(tmp_path / "out" / "adapter"), "--data",
+                       str(tmp_path / "task" / "val.jsonl"), "--max-len", "256",
+                       "--out", str(tmp_path / "report.json")])
+    last = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["kind"] == "eval"
+    assert report["results"]["adapter"]["label_mass"] == pytest.approx(last["label_mass"], rel=1e-5)
+    dense = evaluate(["--model", "tiny", "--data", str(tmp_path / "task" / "val.jsonl"), "--max-len", "256",
+                      "--out", str(tmp_path / "dense.json")])
+    assert dense["results"]["base"]["label_mass"] != pytest.approx(report["results"]["base"]["label_mass"], rel=1e-5)
     assert train.main(["--model", "tiny", "--base", "fp4", "--output-dir", str(tmp_path / "bad")]) == 2
     assert "--base must be nf4 or mxfp4, not 'fp4'" in capsys.readouterr().err
 
