@@ -187,7 +187,7 @@ class Experts(nn.Module):
     """All experts of one layer: gate_up_proj (experts, hidden, 2*inter), down_proj (experts, inter, hidden).
 
     The layout is the hub's (input dim first, y = x @ W). `gate_up` and `down` are the two projections
-    over expert-sorted rows; the NF4 and LoRA variants replace them and keep `forward`.
+    over expert-sorted rows; the NF4 and MXFP4 storages replace `project`, LoRA wraps them, and all keep `forward`.
     """
 
     def __init__(self, config: GptOssConfig):
@@ -199,11 +199,16 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(e, i, h))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
 
+    def project(self, name: str, x, expert, counts, offsets, fast=None):
+        """x @ W[e] + bias[e] for matrix `name` (gate_up_proj or down_proj) over expert-sorted rows;
+        the NF4 and MXFP4 storages override this one method."""
+        return grouped_matmul(x, getattr(self, name), counts, offsets) + getattr(self, name + "_bias")[expert]
+
     def gate_up(self, x, expert, counts, offsets, fast=None):
-        return grouped_matmul(x, self.gate_up_proj, counts, offsets) + self.gate_up_proj_bias[expert]
+        return self.project("gate_up_proj", x, expert, counts, offsets, fast)
 
     def down(self, x, expert, counts, offsets, fast=None):
-        return grouped_matmul(x, self.down_proj, counts, offsets) + self.down_proj_bias[expert]
+        return self.project("down_proj", x, expert, counts, offsets, fast)
 
     def forward(self, x, weights, idx, fast=None):
         """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden).

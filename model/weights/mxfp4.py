@@ -149,19 +149,13 @@ class MXFP4Experts(Experts):
     def dequantized(self, name: str) -> torch.Tensor:
         return self.mxfp4[name].dequantize()
 
-    def _project(self, name, x, expert, counts, offsets, fast):
+    def project(self, name, x, expert, counts, offsets, fast=None):
         w = self.mxfp4[name]
         x, bias = x.to(w.dtype), getattr(self, name + "_bias")
         if nf4_layer.kernels_run(x, fast):  # one kernel each way, straight from the codes
             return nf4_layer.project(x, w, offsets, bias, expert, gemm=mxfp4_gemm)
         y = _GroupedMXFP4.apply(x, w, counts, offsets)
         return y + bias[expert].to(y.dtype)
-
-    def gate_up(self, x, expert, counts, offsets, fast=None):
-        return self._project("gate_up_proj", x, expert, counts, offsets, fast)
-
-    def down(self, x, expert, counts, offsets, fast=None):
-        return self._project("down_proj", x, expert, counts, offsets, fast)
 
     def forward(self, x, weights, idx, fast=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""

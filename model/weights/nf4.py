@@ -151,19 +151,13 @@ class NF4Experts(Experts):
     def dequantized(self, name: str) -> torch.Tensor:
         return torch.cat([w.dequantize() for w in self.nf4[name]])
 
-    def _project(self, name, x, expert, counts, offsets, fast):
+    def project(self, name, x, expert, counts, offsets, fast=None):
         ws = self.nf4[name]
         x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
         if len(ws) == 1 and nf4_layer.kernels_run(x, fast):  # one kernel each way, no bf16 copy of the weights
             return nf4_layer.project(x, ws[0], offsets, bias, expert)
         y = _GroupedNF4.apply(x, ws, counts, offsets, fast)
         return y + bias[expert].to(y.dtype)
-
-    def gate_up(self, x, expert, counts, offsets, fast=None):
-        return self._project("gate_up_proj", x, expert, counts, offsets, fast)
-
-    def down(self, x, expert, counts, offsets, fast=None):
-        return self._project("down_proj", x, expert, counts, offsets, fast)
 
     def forward(self, x, weights, idx, fast=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
