@@ -104,7 +104,7 @@ class _TiledExperts(torch.autograd.Function):
                 g = grads.pop(0)
                 if g is not None:
                     dw[s] = g
-            for j, g in enumerate(grads):                          # summed over tiles, in order
+            for i, g in enumerate(grads):                          # summed over tiles, in order
                 if g is not None:
-                    d_params[j] = g if d_params[j] is None else d_params[j].add_(g)
+                    d_params[i] = g if d_params[i] is None else d_params[i].add_(g)
         return (dx, dw, None, None, None, None, *d_params)
