@@ -25,6 +25,7 @@ from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
+from test_nf4_gemm import count_calls, nf4_and_dense_experts, routed_tokens
 
 
 @pytest.fixture(scope="module")
@@ -153,17 +154,7 @@ def test_every_generations_tiles_give_the_same_products(gemm):
 
 def mxfp4_and_dense_experts(seed=2):
     """A tiny config's MXFP4 experts and a dense twin holding the dequantised weights (float32)."""
-    torch.manual_seed(seed)
-    config = GptOssConfig.from_name("tiny")
-    dense = Experts(config)
-    for p in dense.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    mx = MXFP4Experts(config)
-    mx.load_state_dict(dense.state_dict(), strict=False)
-    for name in ("gate_up_proj", "down_proj"):
-        mx.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
-        getattr(dense, name).data.copy_(mx.dequantized(name))
-    return config, mx, dense
+    return nf4_and_dense_experts(seed, storage=MXFP4Experts)
 
 
 @pytest.mark.parametrize("train_biases", [False, True])
@@ -174,15 +165,9 @@ def test_mxfp4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monk
     for name in ("gate_up_proj_bias", "down_proj_bias"):
         getattr(mx, name).requires_grad_(train_biases)
         getattr(dense, name).requires_grad_(train_biases)
-    n = 23
-    x = torch.randn(n, config.hidden_size) * 4
-    weights = torch.rand(n, config.num_experts_per_tok).softmax(-1)
-    idx = torch.stack([torch.randperm(config.num_local_experts)[:config.num_experts_per_tok] for _ in range(n)])
+    x, weights, idx = routed_tokens(config)
     idx[idx == 3] = 4                                              # expert 3 gets no token
-    calls = []
-    for name in ("grouped_mm", "grouped_mm_t", "grouped_mm_swiglu"):
-        fn = getattr(gemm, name)
-        monkeypatch.setattr(gemm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
     y1, y2 = mx(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)

@@ -89,20 +89,21 @@ def test_scales_undo_the_double_quantisation(gemm):
     assert torch.equal(by_hand.view(w.shape), w.dequantize())
 
 
-def nf4_and_dense_experts(seed=2):
-    """A tiny config's NF4 experts and a dense twin holding the dequantised weights (float32)."""
+def nf4_and_dense_experts(seed=2, storage=NF4Experts):
+    """A tiny config's 4-bit experts (NF4Experts, or test_mxfp4's MXFP4Experts) and a dense twin holding
+    the dequantised weights (float32)."""
     torch.manual_seed(seed)
     config = GptOssConfig.from_name("tiny")
     dense = Experts(config)
     for p in dense.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    nf4 = NF4Experts(config)
-    nf4.gate_up_proj_bias.data.copy_(dense.gate_up_proj_bias)
-    nf4.down_proj_bias.data.copy_(dense.down_proj_bias)
+    quantised = storage(config)
+    quantised.gate_up_proj_bias.data.copy_(dense.gate_up_proj_bias)
+    quantised.down_proj_bias.data.copy_(dense.down_proj_bias)
     for name in ("gate_up_proj", "down_proj"):
-        nf4.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
-        getattr(dense, name).data.copy_(nf4.dequantized(name))
-    return config, nf4, dense
+        quantised.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
+        getattr(dense, name).data.copy_(quantised.dequantized(name))
+    return config, quantised, dense
 
 
 def routed_tokens(config, n=23):
