@@ -8,6 +8,10 @@ import torch
 from data.harmony import IGNORE
 
 BUCKET_BATCHES = 50  # batches per length bucket: enough to pad little, few enough to stay random.
+# The document number of a packed row's padding: above any real document's (a row of n tokens has at
+# most n), so document numbers still never decrease along a row. The model reads a number this high as
+# padding and skips it where it can (model.gpt_oss.PADDING_DOC, the same value; tests/test_data.py ties them).
+PADDING_DOC = 2 ** 31
 
 
 def make_batches(examples_encoded, batch_size: int, seed: int, epoch: int, pad_id: int,
@@ -60,8 +64,8 @@ def _pad(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 class PackedRows(NamedTuple):
     """Rows of documents laid end to end, each (rows, row_len) LongTensor.
 
-    doc_ids number the documents of a row from 0 in order; the padding at a row's end is one more
-    document, which no real token sees. positions restart at 0 with each document.
+    doc_ids number the documents of a row from 0 in order; the padding at a row's end is a document
+    of its own, numbered PADDING_DOC, which no real token sees. positions restart at 0 with each document.
     """
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -100,7 +104,7 @@ def packed_rows(examples, row_len: int, pad_id: int) -> PackedRows:
     """
     input_ids = torch.full((1, row_len), pad_id, dtype=torch.long)
     labels = torch.full((1, row_len), IGNORE, dtype=torch.long)
-    doc_ids = torch.full((1, row_len), len(examples), dtype=torch.long)   # the padding's own document
+    doc_ids = torch.full((1, row_len), PADDING_DOC, dtype=torch.long)   # the padding's own document
     positions = torch.zeros((1, row_len), dtype=torch.long)
     at = 0
     for doc, (ids, example_labels, *_) in enumerate(examples):

@@ -174,7 +174,7 @@ class LoRAExperts(nn.Module):
             y = y + self.low_rank("down_proj", x, counts, offsets).to(y.dtype)
         return y
 
-    def forward(self, x, weights, idx, fast=None):
+    def forward(self, x, weights, idx, fast=None, padding=None):
         return Experts.forward(self, x, weights, idx, fast)     # the experts' routing, with our gate_up/down
 
     def delta_weight(self, name: str) -> torch.Tensor:

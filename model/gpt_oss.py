@@ -19,6 +19,10 @@ from .loss import chunked_cross_entropy, cross_entropy_rows
 from .moe import MLP
 from .rope import rotary_cos_sin
 
+# In packed rows, a document number this high or higher is padding (data.batches.PADDING_DOC writes it):
+# no real token sees it, and the experts skip it where their fused layer runs.
+PADDING_DOC = 2 ** 31
+
 
 @compilable
 def rms_norm(x, weight, eps: float):
@@ -49,7 +53,8 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, fast: gate.FastPaths, flex: bool, doc_ids=None):
         c = fast.compiled
         x = x + self.self_attn(self.input_layernorm(x, c), cos, sin, flex, c, doc_ids)
-        return x + self.mlp(self.post_attention_layernorm(x, c), fast)
+        padding = None if doc_ids is None else doc_ids >= PADDING_DOC     # (batch, seq)
+        return x + self.mlp(self.post_attention_layernorm(x, c), fast, padding)
 
 
 class Decoder(nn.Module):
@@ -127,6 +132,9 @@ class GptOss(nn.Module):
 
         Packed rows (several documents end to end) pass doc_ids and positions, both (batch, seq) on
         x's device: a token attends only to its own document, at its position within that document.
+        Tokens numbered PADDING_DOC or above are padding: their states are never used, so the fused
+        expert layer gives them no expert and they come out of it as zeros (every other part computes
+        them as any token).
         """
         fast = self.fast_paths or gate.decide(x.device)
         flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)

@@ -121,13 +121,25 @@ def sort_by_expert(idx, num_experts: int):
     """(tokens, k) expert indices -> the (token, expert) pairs sorted by expert, all on idx's device:
     order (indices into idx.reshape(-1), stable), each sorted pair's expert, the pairs per expert
     (int64), their running total (int32, the grouped kernels' offsets), and the inverse permutation
-    (sorted rows back to (token, slot) order)."""
+    (sorted rows back to (token, slot) order).
+
+    An index of num_experts means no expert (`skip_padding`): such pairs sort last, past the last
+    offset, where the grouped kernels neither read nor write."""
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # (bincount would read the largest index back to the host: a sync per layer)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).index_add_(
+        0, flat, torch.ones_like(flat))[:num_experts]
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
     return order, flat[order], counts, counts.cumsum(0).to(torch.int32), inverse
+
+
+def skip_padding(idx, padding, num_experts: int):
+    """idx with the padding tokens' experts replaced by num_experts, "no expert" to sort_by_expert.
+
+    The fused layer (model/fast/nf4_layer.py) then spends nothing on a packed row's padding; what its
+    kernels leave unwritten for those rows is masked out of every result."""
+    return idx if padding is None else idx.masked_fill(padding[:, None], num_experts)
 
 
 def sum_per_token(rows, inverse, k: int):
@@ -210,10 +222,11 @@ class Experts(nn.Module):
     def down(self, x, expert, counts, offsets, fast=None):
         return self.project("down_proj", x, expert, counts, offsets, fast)
 
-    def forward(self, x, weights, idx, fast=None):
+    def forward(self, x, weights, idx, fast=None, padding=None):
         """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden).
 
-        fast: the gate's FastPaths (None: the plain path)."""
+        fast: the gate's FastPaths (None: the plain path). padding (tokens,) bool: tokens whose output
+        is never used; the NF4 and MXFP4 fused layers skip them, this path computes them as any."""
         n, k = idx.shape
         order, expert, counts_t, offsets, inverse = sort_by_expert(idx, self.num_experts)   # (tokens*k,) pairs
         # the loop needs the counts on the host; the grouped kernel does not (no device sync)
@@ -232,13 +245,16 @@ class MLP(nn.Module):
         self.experts = Experts(config)
         self.tile = TILE_TOKENS   # above this many tokens the experts run a tile at a time (model/fast/tiled_moe.py)
 
-    def forward(self, x, fast=None):
+    def forward(self, x, fast=None, padding=None):
+        """x (batch, seq, hidden); padding (batch, seq) bool or None: tokens the experts may skip
+        (`Experts.forward`)."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx = self.router(flat)
         if tiles(len(flat), self.tile):   # a long sequence: intermediates bounded by the tile
             return tiled_experts(self.experts, flat, weights, idx, fast, self.tile).view(b, t, d)
-        return self.experts(flat, weights, idx, fast).view(b, t, d)
+        padding = None if padding is None else padding.reshape(-1)
+        return self.experts(flat, weights, idx, fast, padding).view(b, t, d)
 
 
 def moe_reference(mlp: MLP, x):

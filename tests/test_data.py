@@ -497,7 +497,7 @@ def test_unshuffled_batches_follow_length(tok):
 
 
 def test_packing_is_first_fit_decreasing_whole_and_deterministic(tok):
-    from data import pack, packed_rows
+    from data import PADDING_DOC, pack, packed_rows
     examples = encoded_examples(tok)                                      # 37 examples, lengths vary
     lengths = [len(ids) for ids, _ in examples]
     row_len = 2 * max(lengths) + 3
@@ -523,7 +523,9 @@ def test_packing_is_first_fit_decreasing_whole_and_deterministic(tok):
         assert packed.doc_ids[0, at:at + n].eq(doc).all() and packed.positions[0, at:at + n].tolist() == list(range(n))
         at += n
     assert packed.input_ids[0, at:].eq(pad_id).all() and packed.labels[0, at:].eq(-100).all()
-    assert packed.doc_ids[0, at:].eq(len(rows[0])).all()                  # the padding: a document of its own
+    assert packed.doc_ids[0, at:].eq(PADDING_DOC).all()                   # the padding: a document of its own
+    from model.gpt_oss import PADDING_DOC as models                         # the number the model skips
+    assert models == PADDING_DOC and packed.doc_ids[0, :at].lt(PADDING_DOC).all()
 
 
 def test_padding_share_of_both_layouts():

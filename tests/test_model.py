@@ -8,6 +8,7 @@ from lora import inject, lora_parameters
 from model import GptOss, GptOssConfig
 from model.attention import eager_attention
 from model.fast.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
+from model.gpt_oss import PADDING_DOC
 from model.loss import chunked_cross_entropy, cross_entropy_rows, target_rows
 from model.moe import moe_reference
 from model.weights.nf4 import NF4Experts
@@ -267,7 +268,7 @@ def random_docs(lengths, seed=0):
 def test_a_packed_row_gives_each_document_the_logits_it_has_alone(tiny_model):
     docs = random_docs((13, 30, 5, 21))                     # 30 > the window of 8: sliding layers matter
     row = packed_row(docs, 80)                              # 11 pad tokens at the end
-    assert row.doc_ids[0].tolist() == [0] * 13 + [1] * 30 + [2] * 5 + [3] * 21 + [4] * 11
+    assert row.doc_ids[0].tolist() == [0] * 13 + [1] * 30 + [2] * 5 + [3] * 21 + [PADDING_DOC] * 11
     assert row.positions[0, 13:16].tolist() == [0, 1, 2]    # positions restart per document
     with torch.no_grad():
         packed = tiny_model(row.input_ids, row.doc_ids, row.positions)[0]
@@ -339,7 +340,7 @@ def test_packed_step_inputs_for_a_graph_change_neither_loss_nor_gradients(tiny_m
     labels[row.doc_ids == 2] = -100
     ids, rows, targets, doc_ids, positions = padded_step_inputs(row.input_ids, labels, pad_id=0, multiple=16,
                                                                 doc_ids=row.doc_ids, positions=row.positions)
-    assert ids.shape == doc_ids.shape == positions.shape == (1, 48) and doc_ids[0, 37:].eq(3).all()
+    assert ids.shape == doc_ids.shape == positions.shape == (1, 48) and doc_ids[0, 37:].eq(PADDING_DOC + 1).all()
     total, _ = tiny_model.loss(row.input_ids, labels, "sum", row.doc_ids, row.positions)
     padded = tiny_model.loss_rows(ids, rows, targets, doc_ids, positions)
     torch.testing.assert_close(padded, total, rtol=1e-6, atol=0)

@@ -202,3 +202,89 @@ def test_swiglu_epilogue_equals_the_separate_swiglu(gemm):
     torch.testing.assert_close(h, swiglu(y, alpha, limit), rtol=1e-5, atol=1e-5)
     none, h2 = gemm.grouped_mm_swiglu(x, w_gu, offsets, bias, alpha, limit, keep_y=False)
     assert none is None and torch.equal(h2, h)
+
+
+def poison_past_the_last_offset(gemm, monkeypatch):
+    """Make the kernels' unwritten rows (past offsets[-1]) NaN, as uninitialised memory may be; return
+    the (rows given, rows computed) of each call."""
+    seen = []
+
+    def poisoned(fn, *args, **kwargs):
+        out = fn(*args, **kwargs)
+        end = int(args[2][-1])                              # offsets, every function's third argument
+        seen.append((args[0].shape[0], end))
+        for t in out if isinstance(out, tuple) else (out,):
+            if t is not None:
+                t[end:] = float("nan")
+        return out
+
+    for name in ("grouped_mm", "grouped_mm_t", "grouped_mm_swiglu"):
+        monkeypatch.setattr(gemm, name, lambda *a, _fn=getattr(gemm, name), **k: poisoned(_fn, *a, **k))
+    return seen
+
+
+def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
+    """The fused layer with some tokens marked padding: the kernels compute only the other tokens' rows,
+    whose output and gradients equal the layer run on those tokens alone; the padding's output and
+    gradients are exactly zero, though the rows left unwritten hold NaN."""
+    config, nf4, _ = nf4_and_dense_experts(seed=5)
+    nf4.requires_grad_(False)
+    x, weights, idx = routed_tokens(config, n=23)
+    padding = torch.zeros(23, dtype=torch.bool)
+    padding[[3, 15, 16, 17, 18, 19, 20, 21, 22]] = True
+    real = ~padding
+    seen = poison_past_the_last_offset(gemm, monkeypatch)
+    g = torch.randn(23, config.hidden_size)
+    x1, w1 = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    y1 = nf4(x1, w1, idx, gate.decide("cpu"), padding)
+    y1.backward(g)
+    k = config.num_experts_per_tok
+    assert seen == [(23 * k, 14 * k)] * 4                    # gate_up, down, and both transposed products
+    x2, w2 = x[real].clone().requires_grad_(), weights[real].clone().requires_grad_()
+    y2 = nf4(x2, w2, idx[real], gate.decide("cpu"))
+    y2.backward(g[real])
+    torch.testing.assert_close(y1[real], y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x1.grad[real], x2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w1.grad[real], w2.grad, rtol=1e-6, atol=1e-6)
+    for t in (y1, x1.grad, w1.grad):
+        assert t.isfinite().all() and t[padding].eq(0).all()
+
+
+def test_a_packed_rows_padding_skips_the_experts_and_changes_no_document(gemm, monkeypatch, tiny_model):
+    """A tiny model with NF4 experts on the kernels: a packed row's padding (data.PADDING_DOC) reaches
+    the experts as padding, and every document's logits and the LoRA gradients are those of the
+    examples alone."""
+    from data import packed_rows
+    from lora import inject, lora_parameters
+    config = tiny_model.config
+    for block in tiny_model.model.layers:
+        dense, nf4 = block.mlp.experts, NF4Experts(config)
+        for name in ("gate_up_proj", "down_proj"):
+            nf4.set_weight(name, getattr(dense, name).data, compute_dtype=torch.float32)
+            getattr(nf4, name + "_bias").data.copy_(getattr(dense, name + "_bias"))
+        block.mlp.experts = nf4.requires_grad_(False)
+    tiny_model.fast_paths = gate.decide("cpu")
+    assert tiny_model.fast_paths.nf4_kernels
+    inject(tiny_model, rank=4, alpha=8, verbose=False)
+    params = [p for _, p in lora_parameters(tiny_model)]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    docs = [torch.randint(1, 1000, (n,), generator=g).tolist() for n in (17, 9, 26)]
+    examples = [(d, [-100] * (len(d) - 4) + d[-4:]) for d in docs]
+    row = packed_rows(examples, 60, pad_id=0)                              # 8 pad tokens
+    seen = poison_past_the_last_offset(gemm, monkeypatch)
+    total, count = tiny_model.loss(row.input_ids, row.labels, "sum", row.doc_ids, row.positions)
+    packed = torch.autograd.grad(total, params)
+    k = config.num_experts_per_tok
+    assert seen and all(rows == 60 * k and end == 52 * k for rows, end in seen), seen
+    alone_total, alone = 0.0, [torch.zeros_like(p) for p in params]
+    for ids, labels in examples:
+        t, _ = tiny_model.loss(torch.tensor([ids]), torch.tensor([labels]), "sum")
+        alone_total = alone_total + t.detach()
+        for acc, gr in zip(alone, torch.autograd.grad(t, params)):
+            acc += gr
+    torch.testing.assert_close(total.detach(), alone_total, rtol=1e-6, atol=1e-5)
+    for a, b in zip(packed, alone):
+        assert a.isfinite().all() and (a - b).abs().max() < 1e-5

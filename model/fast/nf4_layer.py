@@ -14,7 +14,7 @@ import torch
 
 from . import nf4_gemm
 from .recompute import in_recomputation
-from ..moe import expert_mlp_backward, sort_by_expert, sum_per_token, weighted_sum
+from ..moe import expert_mlp_backward, skip_padding, sort_by_expert, sum_per_token, weighted_sum
 
 
 def kernels_run(x, fast) -> bool:
@@ -31,10 +31,11 @@ def project(x, w, offsets, bias, expert, gemm=nf4_gemm):
     return y + bias[expert].to(y.dtype)
 
 
-def expert_layer(x, weights, idx, layer, fast, gate_up, down, gemm=nf4_gemm):
+def expert_layer(x, weights, idx, layer, fast, gate_up, down, gemm=nf4_gemm, padding=None):
     """A layer of frozen experts, weights gate_up and down read by `gemm`'s kernels: x (tokens, hidden)
-    in the weights' dtype -> (tokens, hidden)."""
-    return _NF4ExpertLayer.apply(x, weights, idx, layer, fast.compiled, gate_up, down, gemm)
+    in the weights' dtype -> (tokens, hidden). padding (tokens,) bool: tokens given no expert, whose
+    output and gradients are zeros (a packed row's padding: no work spent on it)."""
+    return _NF4ExpertLayer.apply(x, weights, idx, layer, fast.compiled, gate_up, down, gemm, padding)
 
 
 class _FusedNF4(torch.autograd.Function):
@@ -62,18 +63,24 @@ class _NF4ExpertLayer(torch.autograd.Function):
     weighted sum are skipped: five NF4 products a checkpointed step instead of six (gate_up, with the
     SwiGLU in its epilogue, in the forward and the recomputation; down once; a transposed product
     each in the backward).
+
+    Padding tokens get no expert (`moe.skip_padding`): their rows sort past the last offset, which
+    no kernel reads or writes, so the buffers hold whatever was there; every result leaves this layer
+    through a mask (output, input and routing gradients zero on those tokens), never through arithmetic
+    on those rows that could carry a NaN out.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, idx, layer, compiled: bool, gate_up, down, gemm):
+    def forward(ctx, x, weights, idx, layer, compiled: bool, gate_up, down, gemm, padding):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
-        order, _, _, offsets, inverse = sort_by_expert(idx, layer.num_experts)
+        routed = skip_padding(idx, padding, layer.num_experts)
+        order, _, _, offsets, inverse = sort_by_expert(routed, layer.num_experts)
         keep = any(ctx.needs_input_grad[:2])
         y, h = gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
                                       layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
-            ctx.save_for_backward(y, weights, idx, order, offsets, inverse)
+            ctx.save_for_backward(y, weights, idx, order, offsets, inverse, padding)
             ctx.layer, ctx.compiled, ctx.matrices, ctx.gemm = layer, compiled, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
@@ -81,11 +88,11 @@ class _NF4ExpertLayer(torch.autograd.Function):
             return torch.full_like(x, float("nan"))
         out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
-        return weighted_sum(out, weights, inverse, x)
+        return masked(weighted_sum(out, weights, inverse, x), padding)
 
     @staticmethod
     def backward(ctx, d_out):
-        y, weights, idx, order, offsets, inverse = ctx.saved_tensors
+        y, weights, idx, order, offsets, inverse, padding = ctx.saved_tensors
         layer, (n, k), gemm = ctx.layer, idx.shape, ctx.gemm
         gate_up, down = ctx.matrices
         g = gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
@@ -95,6 +102,11 @@ class _NF4ExpertLayer(torch.autograd.Function):
         dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = sum_per_token(dxs, inverse, k)
-        dw = gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx)
-        return dx, dw.to(weights.dtype), None, None, None, None, None, None
+        dx = masked(sum_per_token(dxs, inverse, k), padding)
+        dw = masked(gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx), padding)
+        return dx, dw.to(weights.dtype), None, None, None, None, None, None, None
+
+
+def masked(t, padding):
+    """t (tokens, ...) with the padding tokens' values replaced by zeros (not multiplied: they may be NaN)."""
+    return t if padding is None else t.masked_fill(padding[:, None], 0)

@@ -157,13 +157,14 @@ class MXFP4Experts(Experts):
         y = _GroupedMXFP4.apply(x, w, counts, offsets)
         return y + bias[expert].to(y.dtype)
 
-    def forward(self, x, weights, idx, fast=None):
+    def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
         gate_up, down = self.mxfp4["gate_up_proj"], self.mxfp4["down_proj"]
         xc = x.to(gate_up.dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, fast, gate_up, down, gemm=mxfp4_gemm).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, fast, gate_up, down, gemm=mxfp4_gemm,
+                                          padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 

@@ -159,13 +159,14 @@ class NF4Experts(Experts):
         y = _GroupedNF4.apply(x, ws, counts, offsets, fast)
         return y + bias[expert].to(y.dtype)
 
-    def forward(self, x, weights, idx, fast=None):
+    def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
         gate_up, down = self.nf4["gate_up_proj"], self.nf4["down_proj"]
         xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, fast, gate_up[0], down[0]).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, fast, gate_up[0], down[0],
+                                          padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 
