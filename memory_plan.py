@@ -120,15 +120,15 @@ def activations(config, tokens: int, offload: bool = False, tile: int | None = N
 
 
 def need(config, trainable: int, optim: str, tokens_per_micro_batch: int, graphs: bool, fast=None,
-         offload: bool = False, lm_head_nf4: bool = False, base: str = "nf4") -> Need:
+         offload: bool = False, lm_head_nf4: bool = False, base: str = "nf4", tile: int | None = None) -> Need:
     """The estimate for a GptOssConfig in NF4 (the experts as `base` says), `trainable` adapter parameters
     in float32, under the gate's `fast` paths (None: every fast path); offload: --offload-activations;
-    lm_head_nf4: the head in NF4."""
+    lm_head_nf4: the head in NF4; tile: the experts' tile of tokens (None: TILE_TOKENS)."""
     nf4, mxfp4, bf16 = _weights(json.dumps(config.to_dict(), sort_keys=True), lm_head_nf4, base)
     embedding = config.vocab_size * config.hidden_size * 2
     # weights and their gradients in float32; the graph step keeps a second gradient buffer
     adapter = trainable * 4 * (3 if graphs else 2)
-    gpu, host = activations(config, tokens_per_micro_batch, offload, lm_head_nf4=lm_head_nf4, fast=fast)
+    gpu, host = activations(config, tokens_per_micro_batch, offload, tile, lm_head_nf4, fast)
     gate_up = config.num_local_experts * config.hidden_size * 2 * config.intermediate_size
     loading = LOAD_BYTES_20B * gate_up / (32 * 2880 * 5760)
     return Need(model=nf4 * NF4_BYTES_PER_WEIGHT + mxfp4 * MXFP4_BYTES_PER_WEIGHT + bf16 * 2,

@@ -65,7 +65,7 @@ def settle(config, trainable, lengths, usable, args):
     for t in lengths:
         p = memory_plan.plan(config, trainable, t, False, usable, longest.embedding_on_cpu, "adamw", None,
                              SWITCH[args.offload], longest.lm_head_nf4)
-        n = memory_plan.need(config, trainable, "adamw", t, False, None, p.offload, p.lm_head_nf4)
+        n = memory_plan.need(config, trainable, "adamw", t, False, None, p.offload, p.lm_head_nf4, tile=args.tile)
         plans[t] = (p, n)
     return longest.embedding_on_cpu, longest.lm_head_nf4, plans
 
@@ -89,7 +89,7 @@ def fit_constants(rows, config):
         t = r["seq_len"]
         resident = (min(config.num_hidden_layers, memory_plan.OFFLOAD_RESIDENT_BLOCKS) if r["offload"]
                     else config.num_hidden_layers) * t * h * 2
-        a.append([h * t, i * k * min(t, TILE_TOKENS), 1.0])
+        a.append([h * t, i * k * min(t, r["tile"] or t), 1.0])
         b.append(r["measured_activations_gib"] * GIB - resident)
     x = torch.linalg.lstsq(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)[:, None]).solution
     return {"fit": "memory_plan constants from these peaks", "BLOCK_BYTES_PER_TOKEN_HIDDEN": round(float(x[0]), 2),
@@ -106,6 +106,7 @@ def main():
     p.add_argument("--offload", default="auto", choices=list(SWITCH), help="offloaded checkpoints (auto: the plan)")
     p.add_argument("--embedding-on-cpu", default="auto", choices=list(SWITCH))
     p.add_argument("--lm-head-nf4", default="auto", choices=list(SWITCH))
+    p.add_argument("--tile", type=int, default=TILE_TOKENS, help="the experts' tile of tokens (model/fast/tiled_moe.py)")
     args = p.parse_args()
     lengths = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.seq_len]
 
@@ -136,6 +137,8 @@ def main():
     build_s = time.perf_counter() - start
     inject(model, rank=16, alpha=16, dropout=0.0, verbose=False)
     model.gradient_checkpointing = True
+    for block in model.model.layers:
+        block.mlp.tile = args.tile
     model.fast_paths = gate.decide(device)
     model.train()
     params = [q for _, q in lora_parameters(model)]
@@ -152,7 +155,7 @@ def main():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         row = {"model": args.model, "seq_len": seq, "cap_gib": cap, "estimate_gib": round(n.total(not on_cpu) / GIB, 2),
-               "offload": plan.offload, "tile": TILE_TOKENS if seq > TILE_TOKENS else None,
+               "offload": plan.offload, "tile": args.tile if seq > args.tile else None,
                "embedding_on_cpu": on_cpu, "lm_head_nf4": head_nf4}
         try:
             times = []

@@ -3,6 +3,7 @@ forward/backward peaks (with the failing op's traceback) at a long one.
     python bench/profile_step.py --checkpoint /tmp/ck --seq 2048 --long 65536
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,6 +18,40 @@ from bench import train_lora  # noqa: E402  (bench/bench.py, beside this script)
 from model import load_model  # noqa: E402
 
 GiB = 2 ** 30
+
+
+# Kernel names -> the parts of the step (issue 17's breakdown); the first pattern that matches wins.
+PARTS = [
+    ("nf4 experts y = x W (forward, recomputation; SwiGLU epilogue)", r"_grouped_mm_kernel"),
+    ("nf4 experts dx = dy W^T (backward)", r"_grouped_mm_t_kernel"),
+    ("attention (flex, forward and backward)", r"flex|triton_tem_fused|attention"),
+    ("optimizer (AdamW)", r"adam|multi_tensor|foreach"),
+    ("routing: sort, gather, permute", r"sort|radix|gather|index|scatter|cumsum|topk|bitonic"),
+    ("other matrix products (q/k/v/o NF4 dequant + bf16 GEMM, LoRA, router, lm_head)",
+     r"gemm|cutlass|xmma|nvjet|sm90|sm80|ampere|hopper|kernel_nf4|dequantize|splitK|cublas"),
+    ("loss (chunked cross-entropy)", r"softmax|log_softmax|nll|cross_entropy"),
+    ("elementwise and reductions (norms, SwiGLU backward, residuals, casts)",
+     r"triton_|elementwise|vectorized|reduce|copy|fill|Memcpy|Memset|cat|mul|add"),
+]
+
+
+def breakdown(events, wall_ms, kernel_ms, config, seq):
+    """GPU kernel time a step by part, against the floors of the NF4 expert products."""
+    import re
+    parts = {name: 0.0 for name, _ in PARTS} | {"unmatched": 0.0}
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        name = next((n for n, pattern in PARTS if re.search(pattern, e.key, re.I)), "unmatched")
+        parts[name] += e.self_device_time_total / 1e3
+    # the experts' work: gate_up (h -> 2i) and down (i -> h) over seq x k rows; forward, recomputation
+    # (gate_up only) and two transposed products: 5 products a step, as FLOPs at the GPU's bf16 peak
+    h, i, k = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
+    flop = 2 * seq * k * h * i * (2 * 2 + 1 + 2 + 1)     # y: gate_up twice, down once; dx: gate_up, down
+    return {"seq": seq, "wall_ms": round(wall_ms, 1), "kernel_ms": round(kernel_ms, 1),
+            "between_kernels_ms": round(wall_ms - kernel_ms, 1),
+            "parts_ms": {n: round(v, 1) for n, v in parts.items()},
+            "experts_flop": flop, "experts_ms_at_989_tflops": round(flop / 989e12 * 1e3, 1)}
 
 
 def step(model, opt, ids):
@@ -51,6 +86,7 @@ def main():
     # kernels only: an op's row also carries its kernels' time, which would count them twice
     cuda_total = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
     print(f"seq {args.seq}: wall {wall * 1e3:.0f} ms/step, GPU kernel time {cuda_total:.0f} ms/step")
+    print(json.dumps(breakdown(events, wall * 1e3, cuda_total, model.config, args.seq)))
     print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     if args.long:
