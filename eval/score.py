@@ -60,15 +60,16 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
 
 
 def packed_last_token_logits(model, prompts: list[list[int]], pad_id: int, row_len: int,
-                             rows_per_forward: int = 8) -> torch.Tensor:
-    """`last_token_logits` of every prompt, (prompts, vocab), the prompts packed into rows of row_len.
+                             rows_per_forward: int = 8):
+    """`last_token_logits` of the prompts, the prompts packed into rows of row_len: for each forward,
+    (the indices of its prompts, their logits (prompts in it, vocab)).
 
     data.pack places the prompts (first-fit decreasing); each forward takes rows_per_forward rows
     and reads each document's last position. A prompt longer than row_len gets a row as long as it.
+    A forward's logits at a time, never the whole split's: 2,000 prompts' would be 1.5 GiB.
     """
     row_len = max([row_len, *map(len, prompts)])
     rows = pack([(ids,) for ids in prompts], row_len)
-    logits = [None] * len(prompts)
     for start in range(0, len(rows), rows_per_forward):
         group = rows[start:start + rows_per_forward]
         packed = [packed_rows([(prompts[i], [IGNORE] * len(prompts[i])) for i in row], row_len, pad_id)
@@ -84,9 +85,7 @@ def packed_last_token_logits(model, prompts: list[list[int]], pad_id: int, row_l
                 at.append(i)
                 ends.append((r, end - 1))                               # the prompt's last position
         r_index, t_index = (torch.tensor(x, device=h.device) for x in zip(*ends))
-        for i, row_logits in zip(at, model.lm_head(h[r_index, t_index]).float()):
-            logits[i] = row_logits
-    return torch.stack(logits)                                          # (prompts, vocab)
+        yield at, model.lm_head(h[r_index, t_index]).float()            # (prompts in the forward, vocab)
 
 
 def score_examples(model, tokenizer, prompts: list[str], batch_size: int = 8,
@@ -124,17 +123,15 @@ def score_rendered(model, tokenizer, encoded: list[list[int]], batch_size: int =
     scores, raw = [0.0] * len(encoded), [(0.0, 0.0)] * len(encoded)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    # packed: one pass over all the prompts (rows of many prompts each); padded: batches of similar length
-    if pack_len is None:
-        batches = _batches([len(ids) for ids in encoded], batch_size, max_tokens)
-    else:
-        batches = [list(range(len(encoded)))] if encoded else []
     with inference_mode(model), tqdm(total=len(encoded), desc="scoring", unit="prompt",
                                      disable=not progress) as bar:
-        for batch in batches:
-            prompts = [encoded[i] for i in batch]
-            logits = (last_token_logits(model, prompts, pad_id) if pack_len is None
-                      else packed_last_token_logits(model, prompts, pad_id, pack_len, batch_size))  # (batch, vocab)
+        # padded: batches of similar length; packed: rows of many prompts each, batch_size rows a forward
+        if pack_len is None:
+            forwards = ((batch, last_token_logits(model, [encoded[i] for i in batch], pad_id))
+                        for batch in _batches([len(ids) for ids in encoded], batch_size, max_tokens))
+        else:
+            forwards = packed_last_token_logits(model, encoded, pad_id, pack_len, batch_size) if encoded else []
+        for batch, logits in forwards:                                               # logits (batch, vocab)
             pair = logits[:, [benign_id, jailbreak_id]]                              # (batch, 2)
             p_jailbreak = pair.softmax(dim=-1)[:, 1].tolist()
             p_full = logits.softmax(dim=-1)[:, [benign_id, jailbreak_id]].tolist()

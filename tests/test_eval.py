@@ -172,6 +172,14 @@ def test_packed_scoring_equals_the_padded_scores(tiny_model, tok):
         assert packed == pytest.approx(padded, abs=1e-5)
         assert [p for pair in packed_raw for p in pair] == pytest.approx([p for pair in padded_raw for p in pair],
                                                                          abs=1e-6)
+    # a forward's logits at a time, never the whole split's (2,000 prompts' ran a 16 GB card out of memory)
+    from data import special_id
+    from eval.score import packed_last_token_logits
+    with torch.no_grad():
+        forwards = [(at, logits.shape) for at, logits in
+                    packed_last_token_logits(tiny_model, encoded, special_id(tok, "<|endoftext|>"), row_len, 1)]
+    assert len(forwards) >= 3 and sorted(i for at, _ in forwards for i in at) == list(range(len(encoded)))
+    assert all(shape == (len(at), tiny_model.config.vocab_size) and len(at) <= 3 for at, shape in forwards), forwards
 
 
 def test_padded_batches_stay_within_a_token_budget_and_score_the_same(tiny_model, tok):
