@@ -41,15 +41,16 @@ CAP_VARIABLE = "QLORA_GPU_MEMORY_GIB"
 # on attention): 1.44 GiB at 4,096 tokens and 39.42 GiB at 131,072 (before tiling); the split between
 # the block and the experts from the expert layer's buffers (10 bytes per intermediate unit a row).
 # bench/big_memory.py measures them again and prints a fit of these constants.
-BLOCK_BYTES_PER_TOKEN_HIDDEN = 23.5
-EXPERT_BYTES_PER_ROW_INTER = 10.0
-FIXED_ACTIVATION_BYTES = 0.215 * GIB
+BLOCK_BYTES_PER_TOKEN_HIDDEN = 20.5
+EXPERT_BYTES_PER_ROW_INTER = 9.5
+FIXED_ACTIVATION_BYTES = 0.25 * GIB
 OFFLOAD_RESIDENT_BLOCKS = 2   # offloaded: a block's input being recomputed from, and the one fetched ahead
 # Loading: one layer's experts in bf16 while they are converted; measured 0.54 GiB above the loaded
 # gpt-oss-20b (32 experts), scaled by the size of a layer's gate_up_proj
 LOAD_BYTES_20B = 0.54 * GIB
+SMALL_TILE = 2048       # the experts' smaller tile, where the default one does not fit (measured at 65,536 tokens)
 SMALL_CARD_GIB = 24     # below this, padded micro-batches run without CUDA graphs (train.py)
-HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
+HEADROOM = 0.95          # the allocator's fragmentation and the graph pool's slack (the estimate itself is 0-2% above measured peaks)
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
 MXFP4_BYTES_PER_WEIGHT = 4.25 / 8                       # codes, one 8-bit scale per 32 (--base mxfp4's experts)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}          # per trainable parameter: the two moments
@@ -165,6 +166,7 @@ class Plan(NamedTuple):
     lines: list[str]
     offload: bool = False
     lm_head_nf4: bool = False
+    tile: int = 0     # the experts' tile of tokens (model/fast/tiled_moe.py)
 
 
 def _options(value, preferred):
@@ -174,28 +176,32 @@ def _options(value, preferred):
 
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
          embedding_on_cpu: bool | None, optim: str, fast=None, offload: bool | None = False,
-         lm_head_nf4: bool | None = False, base: str = "nf4") -> Plan:
+         lm_head_nf4: bool | None = False, base: str = "nf4", tile: int | None = None) -> Plan:
     """The choices that fit `usable` GiB; ValueError, naming the flags that would fit, if none does.
 
     None / "auto" leave a choice to the plan. Given up only where the run does not fit otherwise, in
-    this order: the embedding on the GPU (costs nothing), CUDA graphs (speed), the blocks' inputs on
-    the GPU (--offload-activations: pinned host memory, copies that overlap compute; no graphs), the
-    bf16 lm_head (an NF4 head: the logits change a little), AdamW's float32 moments (bitsandbytes'
-    8-bit AdamW changes the update a little).
+    this order: the embedding on the GPU (costs nothing), the experts' tile of TILE_TOKENS (a smaller
+    one, SMALL_TILE, only above that many tokens: a little speed), CUDA graphs (speed), the blocks'
+    inputs on the GPU (--offload-activations: pinned host memory, copies that overlap compute; no
+    graphs), the bf16 lm_head (an NF4 head: the logits change a little), AdamW's float32 moments
+    (bitsandbytes' 8-bit AdamW changes the update a little).
     """
+    from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * HEADROOM
+    tiles = [tile] if tile else [TILE_TOKENS] + [SMALL_TILE] * (tokens_per_micro_batch > SMALL_TILE)
     tried = []
     for opt in _options(optim, ["adamw", "adamw8bit"]):
         for head in _options(lm_head_nf4, [False, True]):
             for off in _options(offload, [False, True]):
                 for g in ([True, False] if graphs and not off else [False]):
-                    for on_cpu in _options(embedding_on_cpu, [False, True]):
-                        n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base)
-                        total = n.total(not on_cpu)
-                        tried.append(total)
-                        if total <= fits:
-                            return Plan(on_cpu, opt, g, describe(n, total, usable, opt, on_cpu, off, head, g,
-                                                                 graphs, tokens_per_micro_batch), off, head)
+                    for t in tiles:
+                        for on_cpu in _options(embedding_on_cpu, [False, True]):
+                            n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base, t)
+                            total = n.total(not on_cpu)
+                            tried.append(total)
+                            if total <= fits:
+                                return Plan(on_cpu, opt, g, describe(n, total, usable, opt, on_cpu, off, head, g,
+                                                                     graphs, tokens_per_micro_batch, t), off, head, t)
     raise ValueError(
         f"this run needs about {min(tried) / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is "
         f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). "
@@ -203,11 +209,13 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
 
 
 def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offload: bool, head: bool, g: bool,
-             graphs: bool, tokens: int) -> list[str]:
+             graphs: bool, tokens: int, tile: int) -> list[str]:
+    tiled = f", experts {tile} tokens at a time" if tokens > tile else ""
     line = (f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}"
             f"{', NF4 lm_head' if head else ''}, embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, "
             f"adapter {n.adapter / GIB:.2f}, optimizer {opt} {n.optimizer / GIB:.2f}, activations "
-            f"{n.activations / GIB:.2f} for {tokens} tokens a micro-batch{'' if g or not graphs else '; no CUDA graphs'})")
+            f"{n.activations / GIB:.2f} for {tokens} tokens a micro-batch{tiled}"
+            f"{'' if g or not graphs else '; no CUDA graphs'})")
     if offload:
         line += f"\n  --offload-activations: the blocks' inputs in {n.host / GIB:.2f} GiB of pinned host memory"
     return [line]
@@ -216,16 +224,17 @@ def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offlo
 def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, base: str = "nf4") -> str:
     """What to change, naming flags: every saving at once, and the longest --max-seq-len that then fits."""
     fits = usable * GIB * HEADROOM
-    saving = "--embedding-on-cpu --offload-activations --lm-head-nf4 --optim adamw8bit --cuda-graphs off"
-    lowest = need(config, trainable, "adamw8bit", 0, False, fast, True, True, base)
+    saving = (f"--embedding-on-cpu --offload-activations --lm-head-nf4 --optim adamw8bit --cuda-graphs off "
+              f"--expert-tile {SMALL_TILE}")
+    lowest = need(config, trainable, "adamw8bit", 0, False, fast, True, True, base, SMALL_TILE)
     if lowest.total(False) > fits:
         return (f"Even the model alone does not fit ({lowest.total(False) / GIB:.1f} GiB with {saving}): "
                 "use a GPU with more memory, or adapt fewer modules (--targets)")
     low, high = 0, tokens   # the most tokens that fit with every saving (need grows with tokens)
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if need(config, trainable, "adamw8bit", mid, False, fast, True, True, base
-                                        ).total(False) <= fits else (low, mid)
+        low, high = (mid, high) if need(config, trainable, "adamw8bit", mid, False, fast, True, True, base,
+                                        SMALL_TILE).total(False) <= fits else (low, mid)
     if low >= tokens - 1:
         return f"It fits with {saving}"
     return (f"With {saving} it fits up to --max-seq-len {low} (and --micro-batch-size 1 without --packing); "
@@ -248,6 +257,8 @@ def fit(config, model_config, resume=None):
     if resume is not None and config.lm_head_nf4 is None:   # the head's storage is part of the math
         config.lm_head_nf4 = resume.state["config"].get("lm_head_nf4", False)
     if not torch.cuda.is_available():
+        from model.fast.tiled_moe import TILE_TOKENS
+        config.expert_tile = config.expert_tile or TILE_TOKENS
         config.embedding_on_cpu = bool(config.embedding_on_cpu)
         config.offload_activations, config.lm_head_nf4 = bool(config.offload_activations), bool(config.lm_head_nf4)
         config.optim = "adamw" if config.optim == "auto" else config.optim
@@ -272,8 +283,8 @@ def fit(config, model_config, resume=None):
                          "copies; pass one of them")
     chosen = plan(model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
                   graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
-                  config.offload_activations, config.lm_head_nf4, config.base)
-    config.embedding_on_cpu, config.optim = chosen.embedding_on_cpu, chosen.optim
+                  config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile)
+    config.embedding_on_cpu, config.optim, config.expert_tile = chosen.embedding_on_cpu, chosen.optim, chosen.tile
     config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
     if not chosen.graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"

@@ -76,6 +76,9 @@ class TrainConfig:
                                               "tokens 0.7 GB a block); default: where the memory plan needs it", type=bool)
     lm_head_nf4: bool | None = option(None, "store the lm_head in NF4 (saves ~0.8 GB; the logits change a little); "
                                       "default: only where the memory plan needs it", type=bool)
+    expert_tile: int | None = option(None, "above this many tokens a micro-batch's experts run this many tokens at "
+                                     "a time, which bounds their memory (bits of the gradient sums may differ); "
+                                     "default: 8192, or 2048 where the memory plan needs it", type=int)
     optim: str = option("auto", "adamw, adamw8bit (bitsandbytes' 8-bit AdamW: moments in a quarter of the "
                         "memory) or auto (adamw8bit only where the memory plan says adamw does not fit)")
     kernels: str = option("auto", "fast paths: auto (every one this GPU and the installed torch/Triton allow, "
@@ -102,7 +105,8 @@ class TrainConfig:
 # (gradient checkpointing, the embedding's device and CUDA graphs give the same math; bits may differ).
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
-                  "embedding_on_cpu", "offload_activations", "cuda_graphs", "kernels", "packing"}  # packing: the same steps
+                  "embedding_on_cpu", "offload_activations", "cuda_graphs", "kernels", "packing",  # packing: the same steps
+                  "expert_tile"}
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
@@ -147,7 +151,7 @@ def check(config: TrainConfig):
     if problems:
         raise UsageError("; ".join(problems))
     for name in ("rank", "epochs", "micro_batch_size", "grad_accum", "max_seq_len", "eval_batch_size",
-                 "log_every", "max_bad_steps", "n_examples"):
+                 "log_every", "max_bad_steps", "n_examples", "expert_tile"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",

@@ -158,6 +158,12 @@ class GptOss(nn.Module):
             offload.forward_done()
         return self.model.norm(x, fast.compiled)
 
+    def set_expert_tile(self, tokens: int):
+        """Above `tokens` tokens a forward, every layer's experts run a tile of that many at a time
+        (model/fast/tiled_moe.py): less memory, the same result up to the order of gradient sums."""
+        for block in self.model.layers:
+            block.mlp.tile = tokens
+
     def hidden_states(self, input_ids, doc_ids=None, positions=None):
         """input_ids (batch, seq) -> final-norm states (batch, seq, hidden).
 
