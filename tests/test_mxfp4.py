@@ -4,6 +4,7 @@ from MXFP4 and BF16 checkpoints, LoRA on top, and train.py end to end (CPU, tiny
 The interpreter cannot do bf16 arithmetic, so the kernels run in float32 here, where the dequantised
 weights are exact: multiplied by an identity they must come out bit for bit as dequantize_mxfp4's.
 """
+import dataclasses
 import importlib
 import json
 import math
@@ -20,7 +21,9 @@ from model import GptOss, GptOssConfig, load_model
 from model.fast import gate
 from model.fast import mxfp4_gemm as mxfp4_gemm_module
 from model.fast import nf4_gemm as nf4_gemm_module
-from model.moe import Experts
+from model.gpt_oss import hub_shapes
+from model.moe import EXPERT_MATRICES, Experts
+from model.weights import loading
 from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
@@ -335,3 +338,50 @@ def test_on_the_gpu_mxfp4_experts_equal_dense_experts_on_their_dequantised_weigh
         results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
     for a, b in zip(*results):
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1.5e-2
+
+
+def random_mxfp4_and_dense_models(config, device, seed=0):
+    """gpt-oss with random weights built as load_model builds one (its skeleton, then each hub tensor
+    placed, on `device`), twice: experts in MXFP4 (random codes, every one of the 16, and block scales
+    2^-8..2^-5, as bench/mxfp4_vs_nf4.py draws them), and a twin with dense bf16 experts holding exactly
+    their dequantised weights. Everything else bf16, the same tensors in both; both frozen (as under LoRA)."""
+    mx = loading._skeleton(config, None, "mxfp4", False, "auto", None)
+    dense = loading._skeleton(config, None, None, False, "auto", None)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, shape in hub_shapes(config).items():
+        path, _, attr = name.rpartition(".")
+        if attr in EXPERT_MATRICES:                                    # shape (experts, in, out)
+            e, n_in, n_out = shape
+            blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, device=device, generator=g)
+            scales = torch.randint(119, 123, (e, n_out, n_in // 32), dtype=torch.uint8, device=device, generator=g)
+            mx.get_submodule(path).set_mxfp4(attr, blocks, scales, torch.bfloat16)
+            weight = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2).contiguous()
+            loading._place(dense, name, weight, torch.bfloat16)
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16, device=device)
+        else:   # (the router's 0.02 spreads the tokens over the experts; 0.02 biases matter little)
+            t = (torch.randn(shape, device=device, generator=g) * 0.02).to(torch.bfloat16)
+        loading._place(mx, name, t, torch.bfloat16)
+        loading._place(dense, name, t, torch.bfloat16)
+    return mx.requires_grad_(False), dense.requires_grad_(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (part of the GPU suite, pytest -m gpu)")
+def test_on_the_gpu_20b_logits_on_mxfp4_experts_equal_a_bf16_model_on_their_dequantised_weights():
+    """gpt-oss-20b's widths (32 experts, the full vocabulary), 4 layers (sliding and full attention),
+    random weights: the MXFP4 model through the gate's fast paths (the MXFP4 kernels' fused layer, flex
+    attention, compiled chains) against the bf16 model on the dequantised experts, run plainly. The
+    logits agree within bf16's rounding, and so does each position's most likely token."""
+    fast = gate.decide("cuda")
+    if not fast.nf4_kernels:
+        pytest.skip(f"the gate chose the plain experts here: {dict(fast.why)['experts']}")
+    config = dataclasses.replace(GptOssConfig.from_name("gpt-oss-20b"), num_hidden_layers=4, layer_types=[])
+    mx, dense = random_mxfp4_and_dense_models(config, "cuda")
+    mx.fast_paths, dense.fast_paths = fast, gate.decide("cuda", "plain")
+    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        got, want = mx(ids).double(), dense(ids).double()                     # (2, 256, vocab)
+    assert ((got - want).norm() / want.norm()).item() < 1.5e-2
+    assert (got.argmax(-1) == want.argmax(-1)).double().mean().item() > 0.95
