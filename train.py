@@ -145,7 +145,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
     params = [p for _, p in lora_parameters(model)]
     model.fast_paths = fast
-    print(f"fast paths on {device}:\n{fast.describe()}")
+    print(f"fast paths on {device}:\n{fast.describe(config.base)}")
     graphed = step_path(model, params, config.cuda_graphs, fast)
 
     # --- the data: train.jsonl / val.jsonl, encoded with loss masks

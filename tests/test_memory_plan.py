@@ -68,6 +68,28 @@ def test_the_gate_on_the_cpu_and_when_forced_plain(monkeypatch):
         gate.decide("cpu", "fast")
 
 
+def test_the_start_line_names_the_experts_kernels_of_the_runs_base(monkeypatch):
+    """One decision per device serves both bases; the printed line names the kernels that will run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = gate.decide("cpu")
+    monkeypatch.setattr(gate.torch.cuda, "get_device_capability", lambda index: (9, 0))
+    hopper = gate._cuda_paths.__wrapped__(0)     # what an H100 gets, built here without the cache
+    assert interpreted.nf4_kernels and hopper.nf4_kernels
+    for paths, where in ((interpreted, "in Triton's interpreter (TRITON_INTERPRET=1)"), (hopper, "on sm_90")):
+        nf4, mxfp4 = paths.describe(), paths.describe("mxfp4")
+        assert f"  experts      NF4 Triton kernels (model/fast/nf4_gemm.py) {where}\n" in nf4
+        assert f"  experts      MXFP4 Triton kernels (model/fast/mxfp4_gemm.py) {where}\n" in mxfp4
+        assert "NF4" not in mxfp4 and "MXFP4" not in nf4
+        assert paths.describe("nf4") == nf4                     # NF4 is the default base
+        assert nf4.splitlines()[1:] == mxfp4.splitlines()[1:]   # only the experts' line differs
+    # where the kernels do not run, the plain line is the same for both bases
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert gate.decide("cpu").describe("mxfp4") == gate.decide("cpu").describe("nf4")
+    assert "plain path: dequantise, then multiply" in gate.decide("cpu").describe("mxfp4")
+    with pytest.raises(ValueError, match="base must be one of nf4, mxfp4, not 'fp4'"):
+        hopper.describe("fp4")
+
+
 # ---------------------------------------------------------------- the sequence length, offloading, 120b
 @pytest.fixture(scope="module")
 def gpt_oss_120b():

@@ -4,6 +4,7 @@ from MXFP4 and BF16 checkpoints, LoRA on top, and train.py end to end (CPU, tiny
 The interpreter cannot do bf16 arithmetic, so the kernels run in float32 here, where the dequantised
 weights are exact: multiplied by an identity they must come out bit for bit as dequantize_mxfp4's.
 """
+import dataclasses
 import importlib
 import json
 import math
@@ -20,7 +21,9 @@ from model import GptOss, GptOssConfig, load_model
 from model.fast import gate
 from model.fast import mxfp4_gemm as mxfp4_gemm_module
 from model.fast import nf4_gemm as nf4_gemm_module
-from model.moe import Experts
+from model.gpt_oss import hub_shapes
+from model.moe import EXPERT_MATRICES, Experts
+from model.weights import loading
 from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
@@ -335,3 +338,84 @@ def test_on_the_gpu_mxfp4_experts_equal_dense_experts_on_their_dequantised_weigh
         results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
     for a, b in zip(*results):
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1.5e-2
+
+
+def random_mxfp4_and_dense_models(config, device, seed=0):
+    """gpt-oss with random weights built as load_model builds one (its skeleton, then each hub tensor
+    placed, on `device`), twice: experts in MXFP4 (random codes, every one of the 16, block scales
+    2^-11..2^-8), and a twin with dense bf16 experts holding exactly their dequantised weights. The rest
+    is bf16, the same tensors in both (normal, std 0.02; the experts' biases zero); both frozen, as under
+    LoRA. A random 20b-wide model amplifies rounding: with the hub-like scales 2^-8..2^-5 one bf16
+    rounding apart moves its logits by 15-30%, on either path; and a frozen bias is added before the
+    kernels round but after torch's product rounds, a rounding apart that such a model would amplify."""
+    mx = loading._skeleton(config, None, "mxfp4", False, "auto", None)
+    dense = loading._skeleton(config, None, None, False, "auto", None)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, shape in hub_shapes(config).items():
+        path, _, attr = name.rpartition(".")
+        if attr in EXPERT_MATRICES:                                    # shape (experts, in, out)
+            e, n_in, n_out = shape
+            blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, device=device, generator=g)
+            scales = torch.randint(116, 120, (e, n_out, n_in // 32), dtype=torch.uint8, device=device, generator=g)
+            mx.get_submodule(path).set_mxfp4(attr, blocks, scales, torch.bfloat16)
+            weight = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2).contiguous()
+            loading._place(dense, name, weight, torch.bfloat16)
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16, device=device)
+        elif ".experts." in name:                                      # the experts' biases
+            t = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        else:
+            t = (torch.randn(shape, device=device, generator=g) * 0.02).to(torch.bfloat16)
+        loading._place(mx, name, t, torch.bfloat16)
+        loading._place(dense, name, t, torch.bfloat16)
+    return mx.requires_grad_(False), dense.requires_grad_(False)
+
+
+def logits_on_mxfp4_and_bf16_experts(mx, dense, ids, fast, plain):
+    """Logits (float64) of the MXFP4 model on the fast paths, and of its bf16 twin on the same fast paths
+    and on the plain ones; then of the twin with every down_proj 5% larger (an NF4-sized change)."""
+    out = {}
+    for key, model, paths in (("mxfp4", mx, fast), ("bf16", dense, fast), ("bf16 plain", dense, plain)):
+        model.fast_paths = paths
+        with torch.no_grad():
+            out[key] = model(ids).double()                              # (batch, seq, vocab)
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            layer.mlp.experts.down_proj.mul_(1.05)
+        dense.fast_paths = fast
+        out["bf16, down x 1.05"] = dense(ids).double()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (part of the GPU suite, pytest -m gpu)")
+def test_on_the_gpu_20b_logits_on_mxfp4_experts_equal_a_bf16_model_on_their_dequantised_weights():
+    """gpt-oss-20b's widths (32 experts, the full vocabulary), 4 layers (sliding and full attention),
+    random weights: the MXFP4 model through the gate's fast paths (the MXFP4 kernels' fused layer)
+    against the bf16 model holding the dequantised experts.
+
+    On the same fast paths only the experts' products differ (the MXFP4 kernels against torch's bf16
+    products): the logits agree to bf16 rounding, far closer than a 5% change of the experts moves them.
+    Against the bf16 model run plainly (eager attention, op by op), the MXFP4 model is no further off
+    than the bf16 model's own fast paths are: what is left there is bf16 rounding outside the experts."""
+    fast, plain = gate.decide("cuda"), gate.decide("cuda", "plain")
+    if not fast.nf4_kernels:
+        pytest.skip(f"the gate chose the plain experts here: {dict(fast.why)['experts']}")
+    config = dataclasses.replace(GptOssConfig.from_name("gpt-oss-20b"), num_hidden_layers=4, layer_types=[])
+    mx, dense = random_mxfp4_and_dense_models(config, "cuda")
+    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    out = logits_on_mxfp4_and_bf16_experts(mx, dense, ids, fast, plain)
+
+    def rel(a, b):
+        return ((out[a] - out[b]).norm() / out[b].norm()).item()
+
+    def top1(a, b):
+        return (out[a].argmax(-1) == out[b].argmax(-1)).double().mean().item()
+
+    same_paths, nf4_sized = rel("mxfp4", "bf16"), rel("bf16, down x 1.05", "bf16")
+    assert same_paths < 5e-3 and top1("mxfp4", "bf16") > 0.98, (same_paths, top1("mxfp4", "bf16"))
+    assert nf4_sized > 2 * same_paths + 5e-3, (nf4_sized, same_paths)      # the bound above can fail
+    mx_plain, bf16_plain = rel("mxfp4", "bf16 plain"), rel("bf16", "bf16 plain")
+    assert mx_plain < 1.1 * bf16_plain + 1e-3 and mx_plain < 3e-2, (mx_plain, bf16_plain)
+    assert top1("mxfp4", "bf16 plain") > 0.9

@@ -6,7 +6,8 @@ here, once per device, from what the device and the installed torch and Triton c
 as an argument; `describe` gives the lines train.py prints at start.
 
     experts        NF4 Triton kernels (model/fast/nf4_gemm.py)   | dequantise, then one product
-                   (MXFP4 experts: model/fast/mxfp4_gemm.py, under the same switch, `nf4_kernels`)
+                   (MXFP4 experts: model/fast/mxfp4_gemm.py, under the same switch, `nf4_kernels`;
+                   `describe(base)` names the kernels of the run's base)
     grouped_mm     torch._grouped_mm over expert-sorted rows     | a loop over experts (host counts)
     attention      flex attention (model/fast/flex.py)           | eager attention (score matrix)
     compiled       torch.compile'd elementwise chains            | the same chains, op by op
@@ -27,6 +28,11 @@ MIN_TRITON = (3, 2)
 MIN_CAPABILITY = (8, 0)
 
 
+# The experts' kernels of each base (train.py's --base); the one switch, nf4_kernels, runs either.
+EXPERT_KERNELS = {"nf4": "NF4 Triton kernels (model/fast/nf4_gemm.py)",
+                  "mxfp4": "MXFP4 Triton kernels (model/fast/mxfp4_gemm.py)"}
+
+
 @dataclass(frozen=True)
 class FastPaths:
     """Which fast paths run (True) and, for each, the line that says why (printed at start)."""
@@ -36,10 +42,20 @@ class FastPaths:
     compiled: bool = False
     cuda_graphs: bool = False
     capability: tuple[int, int] | None = None   # the CUDA device's (major, minor); None on the CPU
-    why: tuple[tuple[str, str], ...] = ()       # (path, reason) in the order printed
+    why: tuple[tuple[str, str], ...] = ()       # (path, reason) in the order printed; where the experts'
+                                                # kernels run, their reason says only where ("on sm_90")
 
-    def describe(self) -> str:
-        return "\n".join(f"  {path:<12} {reason}" for path, reason in self.why)
+    def describe(self, base: str = "nf4") -> str:
+        """The lines train.py prints at start. The device's decision holds for either base; the experts'
+        line names the kernels that run for this one (`base`: "nf4" or "mxfp4", train.py's --base)."""
+        if base not in EXPERT_KERNELS:
+            raise ValueError(f"base must be one of {', '.join(EXPERT_KERNELS)}, not {base!r}")
+        lines = []
+        for path, reason in self.why:
+            if path == "experts" and self.nf4_kernels:
+                reason = f"{EXPERT_KERNELS[base]} {reason}"
+            lines.append(f"  {path:<12} {reason}")
+        return "\n".join(lines)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -76,7 +92,7 @@ def cpu_paths() -> FastPaths:
     """On the CPU every path is plain, except the NF4 kernels under Triton's interpreter (the tests)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1" and _triton_problem() is None
     return FastPaths(nf4_kernels=interpret, why=(
-        ("experts", "NF4 Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)" if interpret
+        ("experts", "in Triton's interpreter (TRITON_INTERPRET=1)" if interpret
          else "plain path: dequantise, then multiply (CPU)"),
         ("attention", "plain path: eager attention (CPU)"),
     ))
@@ -94,7 +110,7 @@ def _cuda_paths(index: int) -> FastPaths:
     # the offsets back to the host: a sync per call, and illegal inside a CUDA graph capture.
     grouped = hasattr(torch, "_grouped_mm") and cap[0] in (9, 10)
     why = [
-        ("experts", f"NF4 Triton kernels ({sm})" if triton_problem is None
+        ("experts", f"on {sm}" if triton_problem is None
          else f"plain path: dequantise, then multiply ({triton_problem})"),
         ("grouped_mm", f"torch._grouped_mm, one kernel per projection ({sm})" if grouped
          else f"plain path: a loop over experts (torch._grouped_mm is a single kernel on sm_90/sm_100 "
