@@ -47,7 +47,8 @@ def breakdown(events, wall_ms, kernel_ms, config, seq):
     # the experts' work: gate_up (h -> 2i) and down (i -> h) over seq x k rows; forward, recomputation
     # (gate_up only) and two transposed products: 5 products a step, as FLOPs at the GPU's bf16 peak
     h, i, k = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
-    flop = 2 * seq * k * h * i * (2 * 2 + 1 + 2 + 1)     # y: gate_up twice, down once; dx: gate_up, down
+    # per layer, y: gate_up (h x 2i) twice and down (i x h) once; dx: one of each
+    flop = config.num_hidden_layers * 2 * seq * k * h * i * (2 * 2 + 1 + 2 + 1)
     return {"seq": seq, "wall_ms": round(wall_ms, 1), "kernel_ms": round(kernel_ms, 1),
             "between_kernels_ms": round(wall_ms - kernel_ms, 1),
             "parts_ms": {n: round(v, 1) for n, v in parts.items()},
