@@ -2,7 +2,7 @@
 import pytest
 
 from lora.inject import count_trainable
-from memory_plan import EXPERT_BYTES_PER_ROW_INTER, GIB, NF4_BYTES_PER_WEIGHT, activations, need, plan
+from memory_plan import EXPERT_BYTES_PER_ROW_INTER, GIB, HEADROOM, NF4_BYTES_PER_WEIGHT, activations, need, plan
 from model.fast.tiled_moe import TILE_TOKENS
 from model import GptOssConfig
 from model.fast import gate
@@ -34,10 +34,10 @@ def test_the_default_run_fits_a_16_gb_card_as_it_is(gpt_oss_20b):
 
 
 def test_choices_are_given_up_in_order_only_where_needed(gpt_oss_20b):
-    # expert LoRA: the embedding moves first, then the graphs' gradient buffers go; a smaller card
-    # then also gives up AdamW's float32 moments for 8-bit ones
-    assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, CARD, None, "auto")[:3] == (True, "adamw", False)
-    assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, 14.5, None, "auto")[:3] == (True, "adamw8bit", False)
+    # expert LoRA: the embedding moves first, then the graphs' gradient buffers go, then 8-bit AdamW;
+    # offloaded checkpoints come last (measured: 13.75 GiB, docs/BENCHMARKS.md)
+    chosen = plan(gpt_oss_20b, EXPERTS_R16, 4096, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
+    assert chosen[:3] == (True, "adamw8bit", False) and not chosen.offload and not chosen.lm_head_nf4
     # a roomy card keeps everything
     assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, 80, None, "auto")[:3] == (False, "adamw", True)
     # what the user fixed stays fixed, even where it then does not fit
@@ -137,17 +137,21 @@ def test_120b_attention_lora_fits_80_gb_and_at_the_full_context_with_offloading(
         plan(gpt_oss_120b, trainable, 131072, True, card, None, "auto", offload=False, lm_head_nf4=False)
 
 
-def test_65k_tokens_fit_the_16_gb_card_with_every_saving_and_the_small_tile(gpt_oss_20b):
-    """Measured at 65,536 tokens under the 15.58 GiB cap (docs/BENCHMARKS.md): 14.40 GiB peak with the
-    embedding on the CPU, offloaded checkpoints, an NF4 head and the experts 2,048 tokens at a time."""
-    chosen = plan(gpt_oss_20b, ATTENTION_R16, 65536, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
-    assert chosen[:3] == (True, "adamw", False) and chosen.offload and chosen.lm_head_nf4 and chosen.tile == 2048
-    assert "experts 2048 tokens at a time" in chosen.lines[0]
+def test_long_rows_may_take_the_small_tile_and_65k_tokens_are_refused_on_the_16_gb_card(gpt_oss_20b):
+    """At 65,536 tokens under the 15.58 GiB cap the bench peaked at 14.40 GiB with every saving and the
+    experts 2,048 tokens at a time, but train.py ran out of memory there (2 GiB reserved and unused
+    beside offloading, docs/BENCHMARKS.md): the plan refuses it, naming the flags and the length that
+    fit. The estimate is within 10% of that measured peak, above it."""
     estimate = need(gpt_oss_20b, ATTENTION_R16, "adamw", 65536, False, None, True, True, tile=2048).total(False)
-    assert 1.0 < estimate / (14.40 * GIB) < 1.1                    # within 10% of the measured peak, above it
-    with pytest.raises(ValueError, match="--expert-tile 2048"):     # the tile the user fixed stays fixed
-        plan(gpt_oss_20b, ATTENTION_R16, 65536, True, CARD, None, "auto", offload=None, lm_head_nf4=None,
-             tile=TILE_TOKENS)
+    assert 1.0 < estimate / (14.40 * GIB) < 1.1
+    with pytest.raises(ValueError, match="--expert-tile 2048 it fits up to --max-seq-len 6"):
+        plan(gpt_oss_20b, ATTENTION_R16, 65536, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
+    # the small tile where it is all that is missing; never below the default tile's length
+    tight = need(gpt_oss_20b, ATTENTION_R16, "adamw", 16384, False, tile=2048).total(True) / GIB / HEADROOM
+    chosen = plan(gpt_oss_20b, ATTENTION_R16, 16384, False, tight + 0.01, False, "adamw", offload=False,
+                  lm_head_nf4=False)
+    assert chosen.tile == 2048 and "experts 2048 tokens at a time" in chosen.lines[0]
+    assert plan(gpt_oss_20b, ATTENTION_R16, 8192, False, 80, None, "auto").tile == TILE_TOKENS
 
 
 def test_too_small_a_card_is_told_the_flags_and_the_length_that_fit(gpt_oss_20b, gpt_oss_120b):
