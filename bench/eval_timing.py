@@ -8,6 +8,10 @@ warm-up evaluation first, so compilation is not timed. Both must give the same s
 not bit-equal, since the shapes differ); the largest difference is printed.
 
     QLORA_GPU_MEMORY_GIB=15.58 python bench/eval_timing.py --checkpoint $CKPT --data DIR/val.jsonl --n 80,2000
+    QLORA_GPU_MEMORY_GIB=15.58 python bench/eval_timing.py --random gpt-oss-20b --checkpoint .gpu/tokenizer.json ...
+
+--random builds the named model with random weights straight into NF4 on the GPU (bench/big_memory.py's
+builder, a second or two) instead of loading --checkpoint, which then only gives the tokenizer.
 """
 import argparse
 import json
@@ -41,9 +45,16 @@ def main():
     p.add_argument("--batch-size", type=int, default=8, help="padded: prompts a forward (train.py's default)")
     p.add_argument("--row", type=int, default=4096, help="packed: row length (train.py's --max-seq-len)")
     p.add_argument("--rows", default="1,4", help="packed: rows a forward, each timed")
+    p.add_argument("--random", default=None, help="a preset (gpt-oss-20b) built with random weights on the GPU")
     args = p.parse_args()
-    cap = cap_gpu_memory(torch.device("cuda", torch.cuda.current_device()))
-    model = load_model(args.checkpoint, quantize="nf4", device="cuda", dtype=torch.bfloat16)
+    device = torch.device("cuda", torch.cuda.current_device())
+    cap = cap_gpu_memory(device)
+    if args.random:
+        from big_memory import random_nf4_model   # beside this script
+        from model import GptOssConfig
+        model = random_nf4_model(GptOssConfig.from_name(args.random), device, False, False)
+    else:
+        model = load_model(args.checkpoint, quantize="nf4", device="cuda", dtype=torch.bfloat16)
     model.fast_paths = gate.decide("cuda")
     model.eval()
     tokenizer = load_tokenizer(args.checkpoint)
