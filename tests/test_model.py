@@ -304,6 +304,17 @@ def test_a_document_never_sees_another(tiny_model):
         assert not torch.equal(ref[:, 43:48], out[:, 43:48]) and out.isfinite().all()
 
 
+def summed_alone(model, examples, params):
+    """The summed loss of each (ids, labels) example run alone, and the sum of their gradients."""
+    total, grads = 0.0, [torch.zeros_like(p) for p in params]
+    for ids, labels in examples:
+        t, _ = model.loss(torch.tensor([ids]), torch.tensor([labels]), "sum")
+        total = total + t.detach()
+        for acc, g in zip(grads, torch.autograd.grad(t, params)):
+            acc += g
+    return total, grads
+
+
 def test_packed_gradients_equal_the_sum_over_the_examples_alone_sinks_included(tiny_model):
     inject(tiny_model, rank=4, alpha=8, verbose=False)
     g = torch.Generator().manual_seed(3)
@@ -320,12 +331,7 @@ def test_packed_gradients_equal_the_sum_over_the_examples_alone_sinks_included(t
     row = packed_rows(examples, 60, pad_id=0)
     total, count = tiny_model.loss(row.input_ids, row.labels, "sum", row.doc_ids, row.positions)
     packed = torch.autograd.grad(total, params)
-    alone_total, alone = 0.0, [torch.zeros_like(p) for p in params]
-    for ids, labels in examples:
-        t, _ = tiny_model.loss(torch.tensor([ids]), torch.tensor([labels]), "sum")
-        alone_total = alone_total + t.detach()
-        for acc, gr in zip(alone, torch.autograd.grad(t, params)):
-            acc += gr
+    alone_total, alone = summed_alone(tiny_model, examples, params)
     assert count.item() == 3 * 4                              # 4 targets each, none across documents
     torch.testing.assert_close(total.detach(), alone_total, rtol=1e-6, atol=1e-5)
     for a, b in zip(packed, alone):

@@ -256,6 +256,7 @@ def test_a_packed_rows_padding_skips_the_experts_and_changes_no_document(gemm, m
     examples alone."""
     from data import packed_rows
     from lora import inject, lora_parameters
+    from test_model import summed_alone
     config = tiny_model.config
     for block in tiny_model.model.layers:
         dense, nf4 = block.mlp.experts, NF4Experts(config)
@@ -279,12 +280,7 @@ def test_a_packed_rows_padding_skips_the_experts_and_changes_no_document(gemm, m
     packed = torch.autograd.grad(total, params)
     k = config.num_experts_per_tok
     assert seen and all(rows == 60 * k and end == 52 * k for rows, end in seen), seen
-    alone_total, alone = 0.0, [torch.zeros_like(p) for p in params]
-    for ids, labels in examples:
-        t, _ = tiny_model.loss(torch.tensor([ids]), torch.tensor([labels]), "sum")
-        alone_total = alone_total + t.detach()
-        for acc, gr in zip(alone, torch.autograd.grad(t, params)):
-            acc += gr
+    alone_total, alone = summed_alone(tiny_model, examples, params)
     torch.testing.assert_close(total.detach(), alone_total, rtol=1e-6, atol=1e-5)
     for a, b in zip(packed, alone):
         assert a.isfinite().all() and (a - b).abs().max() < 1e-5
