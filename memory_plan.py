@@ -197,7 +197,9 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
             for opt in _options(optim, ["adamw", "adamw8bit"]):
                 for g in ([True, False] if graphs and not off else [False]):
                     for t in tiles:
-                        for on_cpu in _options(embedding_on_cpu, [False, True]):
+                        # offloading is for long rows: there the embedding leaves the GPU as well (its
+                        # lookup is nothing beside such a step, and offloading needs the allocator room)
+                        for on_cpu in _options(embedding_on_cpu, [True] if off else [False, True]):
                             n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base, t)
                             total = n.total(not on_cpu)
                             tried.append(total)

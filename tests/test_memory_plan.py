@@ -117,6 +117,7 @@ def test_the_full_context_needs_less_offloaded_and_fits_a_24_gb_card_only_so(gpt
     assert offloaded.total(True) < kept.total(True) - 15 * GIB
     chosen = plan(gpt_oss_20b, ATTENTION_R16, 131072, True, 23.5, None, "auto", offload=None, lm_head_nf4=None)
     assert chosen.offload and not chosen.graphs and "pinned host memory" in "\n".join(chosen.lines)
+    assert chosen.embedding_on_cpu          # with offloading the embedding leaves too (as measured: 20.19 GiB)
     assert not plan(gpt_oss_20b, ATTENTION_R16, 131072, True, 79, None, "auto", offload=None).offload
     assert not plan(gpt_oss_20b, ATTENTION_R16, 4096, True, 23.5, None, "auto", offload=None).offload
 
