@@ -69,10 +69,10 @@ NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in
 def main(argv=None) -> int:
     """The command line around a run: signals, stdout/stderr that may close, the folder's lock, and one
     clear line (never a traceback) for every way a run can end early. Returns the exit code."""
-    config, made, world = None, False, distributed.start()  # torchrun's ranks, or one process
     # Growable segments instead of fixed blocks: far less memory lost between blocks on a small card
-    # (read when CUDA first allocates; a user's own setting wins).
+    # (read when CUDA first allocates, which NCCL's start may do; a user's own setting wins).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    config, made, world = None, False, distributed.start()  # torchrun's ranks, or one process
     stdout = SafeStream(sys.stdout) if world.main else open(os.devnull, "w")  # rank 0 alone prints; all say errors
     with StopSignals() as stop, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(SafeStream(sys.stderr)):
         try:

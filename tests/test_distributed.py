@@ -88,6 +88,21 @@ def test_no_torchrun_environment_means_no_process_group(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_the_allocator_setting_is_in_place_before_the_process_group_starts(monkeypatch):
+    """NCCL's start may touch CUDA, which reads PYTORCH_CUDA_ALLOC_CONF once: set it first."""
+    import train
+    seen = []
+
+    def start():
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        raise SystemExit(3)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(train.distributed, "start", start)
+    with pytest.raises(SystemExit):
+        train.main(["--model", "tiny"])
+    assert seen == ["expandable_segments:True"]
+
+
 @pytest.mark.slow
 def test_two_ranks_x_accumulation_2_equal_one_process_x_accumulation_4(task, one_process, tmp_path):
     result = train_py(tmp_path, task, "--grad-accum", "2", ranks=2)
