@@ -28,7 +28,7 @@ from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
-from test_nf4_gemm import count_calls, nf4_and_dense_experts, routed_tokens
+from test_nf4_gemm import check_padding_is_skipped, count_calls, nf4_and_dense_experts, routed_tokens
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,11 @@ def test_every_generations_tiles_give_the_same_products(gemm):
 def mxfp4_and_dense_experts(seed=2):
     """A tiny config's MXFP4 experts and a dense twin holding the dequantised weights (float32)."""
     return nf4_and_dense_experts(seed, storage=MXFP4Experts)
+
+
+def test_padding_tokens_get_no_mxfp4_expert_and_leave_no_trace(gemm, monkeypatch):
+    config, mx, _ = mxfp4_and_dense_experts(5)
+    check_padding_is_skipped(gemm, monkeypatch, config, mx.requires_grad_(False))
 
 
 @pytest.mark.parametrize("train_biases", [False, True])

@@ -224,11 +224,14 @@ def poison_past_the_last_offset(gemm, monkeypatch):
 
 
 def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
-    """The fused layer with some tokens marked padding: the kernels compute only the other tokens' rows,
-    whose output and gradients equal the layer run on those tokens alone; the padding's output and
-    gradients are exactly zero, though the rows left unwritten hold NaN."""
     config, nf4, _ = nf4_and_dense_experts(seed=5)
-    nf4.requires_grad_(False)
+    check_padding_is_skipped(gemm, monkeypatch, config, nf4.requires_grad_(False))
+
+
+def check_padding_is_skipped(gemm, monkeypatch, config, layer):
+    """A fused expert layer (NF4 or MXFP4, frozen) with some tokens marked padding: the kernels compute
+    only the other tokens' rows, whose output and gradients equal the layer run on those tokens alone;
+    the padding's output and gradients are exactly zero, though the rows left unwritten hold NaN."""
     x, weights, idx = routed_tokens(config, n=23)
     padding = torch.zeros(23, dtype=torch.bool)
     padding[[3, 15, 16, 17, 18, 19, 20, 21, 22]] = True
@@ -236,12 +239,12 @@ def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
     seen = poison_past_the_last_offset(gemm, monkeypatch)
     g = torch.randn(23, config.hidden_size)
     x1, w1 = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1 = nf4(x1, w1, idx, gate.decide("cpu"), padding)
+    y1 = layer(x1, w1, idx, gate.decide("cpu"), padding)
     y1.backward(g)
     k = config.num_experts_per_tok
     assert seen == [(23 * k, 14 * k)] * 4                    # gate_up, down, and both transposed products
     x2, w2 = x[real].clone().requires_grad_(), weights[real].clone().requires_grad_()
-    y2 = nf4(x2, w2, idx[real], gate.decide("cpu"))
+    y2 = layer(x2, w2, idx[real], gate.decide("cpu"))
     y2.backward(g[real])
     torch.testing.assert_close(y1[real], y2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad[real], x2.grad, rtol=1e-6, atol=1e-6)
