@@ -245,6 +245,21 @@ def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, bas
             "or adapt fewer modules (--targets)")
 
 
+def out_of_memory(error: Exception, output_dir) -> str:
+    """The one line train.py says when the GPU ran out of memory after all (the plan's estimate was
+    short), with the allocator's own account of its memory written beside the run for a closer look."""
+    line = str(error).split(". ")[0]   # "CUDA out of memory", and how much was asked for
+    if torch.cuda.is_available():
+        path = os.path.join(output_dir, "out-of-memory.txt")
+        with open(path, "w") as f:
+            f.write(str(error) + "\n\n" + torch.cuda.memory_summary())
+        peak = torch.cuda.max_memory_allocated() / GIB
+        line += f" at {peak:.2f} GiB allocated (the allocator's summary: {path})"
+    return (f"{line}. The memory plan's estimate fell short: lower --max-seq-len (or --micro-batch-size "
+            "without --packing), or give memory back with --embedding-on-cpu, --optim adamw8bit, --lm-head-nf4 "
+            "or --offload-activations")
+
+
 def placement(config) -> dict:
     """load_model's options for where the weights live, as the plan settled them."""
     return {"embedding_device": "cpu" if config.embedding_on_cpu else None, "lm_head_nf4": bool(config.lm_head_nf4)}

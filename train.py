@@ -53,7 +53,7 @@ from data.splits import load_splits  # noqa: E402
 from eval import evaluate, format_table  # noqa: E402
 from eval.report import change  # noqa: E402
 from lora import inject, lora_parameters  # noqa: E402
-from memory_plan import fit, placement  # noqa: E402
+from memory_plan import fit, out_of_memory, placement  # noqa: E402
 from model import GptOss, GptOssConfig, load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
@@ -88,6 +88,9 @@ def main(argv=None) -> int:
             if config is not None and made and isinstance(error, UsageError):
                 checkpoints.remove_if_only_lock(out)
             return 1 if isinstance(error, WriteFailed) else 2
+        except torch.OutOfMemoryError as error:  # past the plan: one line, and the allocator's summary on disk
+            say(f"error: {out_of_memory(error, config.output_dir)}", error=True)
+            return 1
         except Interrupted as stopped:  # before the loop: every write so far was atomic
             say(f"{stopped}: stopped while starting, before any training step", error=True)
             return 128 + stopped.signum

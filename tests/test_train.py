@@ -544,3 +544,17 @@ def test_resume_with_8bit_adamw_is_bit_identical(small_task, tmp_path):
     assert run(small_task, tmp_path / "resumed", "--optim", "adamw8bit", "--max-steps", "2") == 0
     assert run(small_task, tmp_path / "resumed", "--optim", "adamw8bit", "--max-steps", "4", "--resume", "auto") == 0
     assert_same_tensors(adapter(tmp_path / "resumed" / "adapter"), adapter(tmp_path / "straight" / "adapter"))
+
+
+def test_running_out_of_gpu_memory_after_all_is_one_line_naming_what_to_change(tmp_path, monkeypatch, capsys):
+    """Where the plan's estimate falls short, the run ends with one line (no traceback): what ran out,
+    and the flags that give memory back."""
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total "
+                                     "capacity of 139.80 GiB of which 123.48 GiB is free.")
+    monkeypatch.setattr(train, "train", out_of_memory)
+    assert train.main(["--model", "tiny", "--output-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: CUDA out of memory. The memory plan's estimate fell short: lower --max-seq-len")
+    assert "--offload-activations" in err and "--optim adamw8bit" in err
