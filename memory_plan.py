@@ -250,11 +250,14 @@ def out_of_memory(error: Exception, output_dir) -> str:
     short), with the allocator's own account of its memory written beside the run for a closer look."""
     line = str(error).split(". ")[0]   # "CUDA out of memory", and how much was asked for
     if torch.cuda.is_available():
+        line += f" at {torch.cuda.max_memory_allocated() / GIB:.2f} GiB allocated"
         path = os.path.join(output_dir, "out-of-memory.txt")
-        with open(path, "w") as f:
-            f.write(str(error) + "\n\n" + torch.cuda.memory_summary())
-        peak = torch.cuda.max_memory_allocated() / GIB
-        line += f" at {peak:.2f} GiB allocated (the allocator's summary: {path})"
+        try:
+            with open(path, "w") as f:
+                f.write(str(error) + "\n\n" + torch.cuda.memory_summary())
+            line += f" (the allocator's summary: {path})"
+        except OSError:   # a full disk must not turn the one line into a traceback
+            pass
     return (f"{line}. The memory plan's estimate fell short: lower --max-seq-len (or --micro-batch-size "
             "without --packing), or give memory back with --embedding-on-cpu, --optim adamw8bit, --lm-head-nf4 "
             "or --offload-activations")
