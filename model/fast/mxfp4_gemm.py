@@ -36,6 +36,7 @@ BLOCK = 32  # inputs sharing one scale; the tiles below keep to whole blocks alo
 
 if triton is not None:
     _program_tile = nf4_gemm._program_tile   # the same grid: a program's expert and rows from the offsets
+    _swiglu = nf4_gemm._swiglu               # the same SwiGLU epilogue
 
     @triton.jit
     def _dequant_tile(blocks_ptr, scales_ptr, lut_ptr, expert, ns, n_ok, k0, K, N, dtype, BK: tl.constexpr):
@@ -86,9 +87,7 @@ if triton is not None:
         if SWIGLU:  # on y rounded to its dtype, as when y is stored and read back
             dtype = h_ptr.dtype.element_ty
             gate, up = tl.split(tl.reshape(y.to(dtype).to(tl.float32), (BM, BN // 2, 2)))
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-            h = (up + 1) * gate * (1 / (1 + tl.exp(-alpha * gate)))
+            h = _swiglu(gate, up, alpha, limit)
             half = tile_n * (BN // 2) + tl.arange(0, BN // 2)
             tl.store(h_ptr + rows[:, None].to(tl.int64) * (N // 2) + half[None, :], h.to(dtype),
                      mask=row_ok[:, None] & (half < N // 2)[None, :])

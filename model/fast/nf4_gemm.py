@@ -73,6 +73,14 @@ if triton is not None:
         return expert, first, end, tile_c
 
     @triton.jit
+    def _swiglu(gate, up, alpha, limit):
+        """gpt-oss's clamped SwiGLU in fp32 of gate and up, each already rounded to y's dtype (as when y
+        is stored and read back): the forward kernels' epilogue, here and in mxfp4_gemm.py."""
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1) * gate * (1 / (1 + tl.exp(-alpha * gate)))
+
+    @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
         """W[expert][ks, n0:n0+BN] in `dtype` as two halves: the even columns and the odd ones.
 
@@ -129,9 +137,7 @@ if triton is not None:
                      mask=row_ok[:, None] & (cols < N)[None, :])
         if SWIGLU:  # on y rounded to its dtype, as when y is stored and read back
             dtype = h_ptr.dtype.element_ty
-            gate = tl.minimum(even.to(dtype).to(tl.float32), limit)
-            up = tl.minimum(tl.maximum(odd.to(dtype).to(tl.float32), -limit), limit)
-            h = (up + 1) * gate * (1 / (1 + tl.exp(-alpha * gate)))
+            h = _swiglu(even.to(dtype).to(tl.float32), odd.to(dtype).to(tl.float32), alpha, limit)
             tl.store(h_ptr + rows[:, None].to(tl.int64) * (N // 2) + half[None, :], h.to(dtype), mask=ok)
 
     @triton.jit
