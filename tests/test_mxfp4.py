@@ -28,7 +28,8 @@ from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
-from test_nf4_gemm import check_padding_is_skipped, count_calls, nf4_and_dense_experts, routed_tokens
+from test_nf4_gemm import (check_kernels_keep_forward_and_gradient, check_padding_is_skipped,
+                            nf4_and_dense_experts, routed_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -167,26 +168,11 @@ def test_padding_tokens_get_no_mxfp4_expert_and_leave_no_trace(gemm, monkeypatch
 
 @pytest.mark.parametrize("train_biases", [False, True])
 def test_mxfp4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkeypatch, train_biases):
-    """A layer's MXFP4 experts through the kernels equal the same layer dequantised: output and the
-    gradients of the input and the routing weights. Frozen biases take the fused layer."""
+    """test_nf4_gemm's check on MXFP4 experts, with one expert given no token."""
     config, mx, dense = mxfp4_and_dense_experts()
-    for name in ("gate_up_proj_bias", "down_proj_bias"):
-        getattr(mx, name).requires_grad_(train_biases)
-        getattr(dense, name).requires_grad_(train_biases)
     x, weights, idx = routed_tokens(config)
     idx[idx == 3] = 4                                              # expert 3 gets no token
-    calls = count_calls(gemm, monkeypatch)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1, y2 = mx(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    fused = ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"]
-    assert calls == (["grouped_mm"] * 2 + ["grouped_mm_t"] * 2 if train_biases else fused), calls
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
+    check_kernels_keep_forward_and_gradient(gemm, monkeypatch, mx, dense, x, weights, idx, train_biases)
 
 
 def test_the_plain_twin_equals_the_dense_layer():

@@ -123,23 +123,28 @@ def count_calls(gemm, monkeypatch):
 
 @pytest.mark.parametrize("train_biases", [False, True])
 def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkeypatch, train_biases):
-    """A layer's NF4 experts through the kernels equal the same layer dequantised: output, and the
-    gradients of the input, the routing weights and (when they train) the biases.
-
-    Frozen biases (LoRA's case) take `_NF4ExpertLayer`, with its own backward; biases that train take
-    Experts.forward over the separate products.
-    """
     config, nf4, dense = nf4_and_dense_experts()
-    biases = ("gate_up_proj_bias", "down_proj_bias")
-    for name in biases:
-        getattr(nf4, name).requires_grad_(train_biases)
-        getattr(dense, name).requires_grad_(train_biases)
     x, weights, idx = routed_tokens(config)
     assert nf4.limit < 8, "x * 4 is meant to reach the clamps"
+    check_kernels_keep_forward_and_gradient(gemm, monkeypatch, nf4, dense, x, weights, idx, train_biases)
+
+
+def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense, x, weights, idx, train_biases):
+    """A layer's 4-bit experts (NF4, or test_mxfp4's MXFP4) through the kernels equal the same layer
+    dequantised: output, and the gradients of the input, the routing weights and (when they train) the
+    biases.
+
+    Frozen biases (LoRA's case) take the fused layer (`_NF4ExpertLayer`), with its own backward; biases
+    that train take Experts.forward over the separate products.
+    """
+    biases = ("gate_up_proj_bias", "down_proj_bias")
+    for name in biases:
+        getattr(quantised, name).requires_grad_(train_biases)
+        getattr(dense, name).requires_grad_(train_biases)
     calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1, y2 = nf4(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
+    y1, y2 = quantised(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
@@ -150,9 +155,10 @@ def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkey
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
     for name in biases:
         if train_biases:
-            torch.testing.assert_close(getattr(nf4, name).grad, getattr(dense, name).grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(getattr(quantised, name).grad, getattr(dense, name).grad, rtol=1e-5,
+                                       atol=1e-5)
         else:
-            assert getattr(nf4, name).grad is None
+            assert getattr(quantised, name).grad is None
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
