@@ -74,7 +74,10 @@ def test_compiled_chains_equal_the_plain_chains():
         assert rel(ya, yb) < 1e-2 and rel(ga, gb) < 1e-2, fn.__name__
 
 
-def nf4_and_dense_experts(group=None):
+def quantised_and_dense_experts(group=None, storage=None):
+    """gpt-oss-20b-wide experts (8 of them) in 4-bit, frozen, and a dense bf16 twin holding their
+    dequantised weights. storage: the 4-bit class (default NF4Experts in groups of `group`;
+    test_mxfp4 passes MXFP4Experts)."""
     from model import GptOssConfig
     from model.moe import Experts
     from model.weights.nf4 import NF4Experts
@@ -84,32 +87,30 @@ def nf4_and_dense_experts(group=None):
     with torch.no_grad():
         for p in ex.parameters():
             p.normal_(0, 0.02)
-    nf4 = NF4Experts(cfg, group=group).cuda()
-    nf4.load_state_dict({k: v for k, v in ex.state_dict().items() if k.endswith("bias")}, strict=False)
+    quantised = (storage(cfg) if storage else NF4Experts(cfg, group=group)).cuda()
+    quantised.load_state_dict({k: v for k, v in ex.state_dict().items() if k.endswith("bias")}, strict=False)
     for name in ("gate_up_proj", "down_proj"):
-        nf4.set_weight(name, getattr(ex, name).detach())
-    nf4.requires_grad_(False)                     # frozen biases, as under LoRA
+        quantised.set_weight(name, getattr(ex, name).detach())
+    quantised.requires_grad_(False)                     # frozen biases, as under LoRA
     dense = Experts(cfg).cuda().to(torch.bfloat16)
     with torch.no_grad():
-        dense.gate_up_proj.copy_(nf4.dequantized("gate_up_proj"))
-        dense.down_proj.copy_(nf4.dequantized("down_proj"))
+        dense.gate_up_proj.copy_(quantised.dequantized("gate_up_proj"))
+        dense.down_proj.copy_(quantised.dequantized("down_proj"))
         dense.gate_up_proj_bias.copy_(ex.gate_up_proj_bias)
         dense.down_proj_bias.copy_(ex.down_proj_bias)
     dense.requires_grad_(False)
-    return nf4, dense
+    return quantised, dense
 
 
-@pytest.mark.parametrize("group", [None, 3])
-def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
-    """The NF4 kernels' layer (one group) and the dequantise-then-multiply path (groups of 3) against
-    dense bf16 experts holding the dequantised weights, run plainly (a loop over experts)."""
-    nf4, dense = nf4_and_dense_experts(group)
+def check_against_dense(quantised, dense):
+    """The 4-bit layer on the fast paths against its dense twin run plainly (a loop over experts), 4,096
+    tokens in bf16: output and input/routing gradients within bf16 rounding of the accumulation."""
     g = torch.Generator("cuda").manual_seed(2)
     x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
     idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
     results = []
-    for layer, paths in ((nf4, fast()), (dense, None)):
+    for layer, paths in ((quantised, fast()), (dense, None)):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = layer(xi, wi, idx, paths)
         dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
@@ -118,11 +119,18 @@ def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
         assert rel(a, b) < 1.5e-2
 
 
+@pytest.mark.parametrize("group", [None, 3])
+def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
+    """The NF4 kernels' layer (one group) and the dequantise-then-multiply path (groups of 3) against
+    dense bf16 experts holding the dequantised weights, run plainly (a loop over experts)."""
+    check_against_dense(*quantised_and_dense_experts(group))
+
+
 def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu():
     """A packed row's padding in the fused NF4 layer, where the rows the kernels leave unwritten hold
     whatever the allocator had: the real tokens' output and gradients are those of the layer run on
     them alone, the padding's are exactly zero, and nothing is NaN."""
-    nf4, _ = nf4_and_dense_experts()
+    nf4, _ = quantised_and_dense_experts()
     g = torch.Generator("cuda").manual_seed(5)
     x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
@@ -144,7 +152,7 @@ def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu():
 
 def test_experts_are_bit_reproducible():
     """The same inputs give the same bits: each token's expert rows are summed in a fixed order."""
-    nf4, _ = nf4_and_dense_experts()
+    nf4, _ = quantised_and_dense_experts()
     g = torch.Generator("cuda").manual_seed(4)
     x = torch.randn(8192, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(8192, 4, device="cuda", generator=g), -1)

@@ -301,34 +301,8 @@ def test_train_py_runs_the_tiny_model_with_mxfp4_experts(tmp_path, capsys):
 def test_on_the_gpu_mxfp4_experts_equal_dense_experts_on_their_dequantised_weights():
     """gpt-oss-20b's widths, bf16: the MXFP4 kernels' fused layer against dense experts holding the
     dequantised weights, run plainly (a loop over experts); output and input/routing gradients."""
-    config = GptOssConfig(num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=4)
-    torch.manual_seed(0)
-    dense = Experts(config).cuda()
-    with torch.no_grad():
-        for p in dense.parameters():
-            p.normal_(0, 0.02)
-    mx = MXFP4Experts(config).cuda()
-    mx.load_state_dict(dense.state_dict(), strict=False)
-    for name in ("gate_up_proj", "down_proj"):
-        mx.set_weight(name, getattr(dense, name).detach())
-    dense = dense.to(torch.bfloat16)
-    with torch.no_grad():
-        for name in ("gate_up_proj", "down_proj"):
-            getattr(dense, name).copy_(mx.dequantized(name))
-    mx.requires_grad_(False)
-    dense.requires_grad_(False)
-    g = torch.Generator("cuda").manual_seed(2)
-    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
-    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
-    results = []
-    for layer, paths in ((mx, gate.decide("cuda")), (dense, None)):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = layer(xi, wi, idx, paths)
-        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
-        results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
-    for a, b in zip(*results):
-        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1.5e-2
+    from test_gpu import check_against_dense, quantised_and_dense_experts
+    check_against_dense(*quantised_and_dense_experts(storage=MXFP4Experts))
 
 
 def random_mxfp4_and_dense_models(config, device, seed=0):
