@@ -29,7 +29,7 @@ from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantiz
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
 from test_nf4_gemm import (check_kernels_keep_forward_and_gradient, check_padding_is_skipped,
-                            nf4_and_dense_experts, routed_tokens)
+                            nf4_and_dense_experts, per_expert, routed_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,6 @@ def random_mxfp4(experts, n_in, n_out, seed=0) -> MXFP4Tensor:
     blocks = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(118, 130, (experts, n_out, n_in // 32), dtype=torch.uint8, generator=g)
     return MXFP4Tensor(blocks, scales, torch.float32)
-
-
-def per_expert(x, w, counts, transpose=False):
-    out, start = [], 0
-    for e, c in enumerate(counts):
-        out.append(x[start:start + c] @ (w[e].T if transpose else w[e]))
-        start += c
-    return torch.cat(out)
 
 
 # ---------------------------------------------------------------- the quantiser
