@@ -96,11 +96,6 @@ class MXFP4Tensor:
         self.lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
         self.shape, self.dtype = (e, n_blocks * BLOCK, n_out), compute_dtype
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, compute_dtype=torch.bfloat16) -> "MXFP4Tensor":
-        """From a dense (experts, in, out) weight."""
-        return cls(*quantize_mxfp4(weight.transpose(1, 2)), compute_dtype)
-
     def dequantize(self) -> torch.Tensor:
         """(experts, in, out) in the compute dtype: a transposed view of the stored (experts, out, in)."""
         return dequantize_mxfp4(self.blocks, self.scales, self.dtype).transpose(1, 2)
