@@ -180,7 +180,7 @@ def main():
             row.update(oom=True, error=str(error).split(". ")[0])
             optimizer.zero_grad(set_to_none=True)
         print(json.dumps(row), flush=True)
-    if len(rows) >= 3 and any(r["seq_len"] > TILE_TOKENS for r in rows) and any(r["seq_len"] <= TILE_TOKENS for r in rows):
+    if len(rows) >= 3 and any(r["tile"] for r in rows) and not all(r["tile"] for r in rows):   # both sides of the tile
         print(json.dumps(fit_constants(rows, config)), flush=True)
 
 
