@@ -373,3 +373,23 @@ def test_document_block_mask_equals_flex_from_the_dense_mask(lengths):
                 for q in range(num.shape[-1]):
                     n = int(num[row, 0, q])
                     assert sorted(a[row, 0, q, :n].tolist()) == sorted(b[row, 0, q, :n].tolist())
+
+
+@pytest.mark.parametrize("t, packed", [(256, False), (200, False), (256, True)])
+def test_flex_attention_with_sinks_equals_eager_attention_on_the_cpu(monkeypatch, t, packed):
+    """flex_attention_with_sinks (flex itself uncompiled: on the CPU it runs as written, forward only)
+    against the eager twin (the sink scale is float32, so 1e-6), sinks included; and its output comes back (b, t, h, d) contiguous when no
+    padding was needed, so o_proj's reshape copies nothing. Gradients: tests/test_gpu.py."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from model.attention import eager_attention
+    from model.fast import flex
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, t, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    doc_ids = torch.cat([torch.zeros(2, 100, dtype=torch.long), torch.ones(2, t - 100, dtype=torch.long)], 1) \
+        if packed else None
+    for window in (None, 64):
+        out = flex.flex_attention_with_sinks(q, k, v, sinks, window, doc_ids)
+        torch.testing.assert_close(out, eager_attention(q, k, v, sinks, window, doc_ids), rtol=1e-6, atol=1e-6)
+        assert out.is_contiguous() or t % flex.BLOCK   # b = 2: a padded length comes back sliced
