@@ -17,6 +17,11 @@ import os
 import signal
 import sys
 
+# Growable segments instead of fixed blocks: far less memory lost between blocks on a small card (at
+# 65,536 tokens on the 16 GB card, 2 GiB with fixed blocks, docs/BENCHMARKS.md). Read once, when CUDA
+# first allocates, which the imports below already do: so here, before them. A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def stopped_while_loading(signum, frame):
     """Until main() takes over: a signal while torch loads (seconds) ends with one line, no traceback."""
@@ -69,8 +74,7 @@ NO_GPU = ("--model {model} needs a CUDA GPU, and none is visible. gpt-oss-20b in
 def main(argv=None) -> int:
     """The command line around a run: signals, stdout/stderr that may close, the folder's lock, and one
     clear line (never a traceback) for every way a run can end early. Returns the exit code."""
-    # Growable segments instead of fixed blocks: far less memory lost between blocks on a small card
-    # (read when CUDA first allocates, which NCCL's start may do; a user's own setting wins).
+    # as at the top, for a caller that imported this module and then unset it (before NCCL's start)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     config, made, world = None, False, distributed.start()  # torchrun's ranks, or one process
     stdout = SafeStream(sys.stdout) if world.main else open(os.devnull, "w")  # rank 0 alone prints; all say errors
