@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,7 +51,7 @@ OFFLOAD_RESIDENT_BLOCKS = 2   # offloaded: a block's input being recomputed from
 LOAD_BYTES_20B = 0.54 * GIB
 SMALL_TILE = 2048       # the experts' smaller tile, where the default one does not fit (measured at 65,536 tokens)
 SMALL_CARD_GIB = 24     # below this, padded micro-batches run without CUDA graphs (train.py)
-HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack
+HEADROOM = 0.92          # the allocator's fragmentation and the graph pool's slack (--memory-headroom's default)
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)   # codes, 8-bit block scales, their fp32 scales
 MXFP4_BYTES_PER_WEIGHT = 4.25 / 8                       # codes, one 8-bit scale per 32 (--base mxfp4's experts)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}          # per trainable parameter: the two moments
@@ -176,7 +177,8 @@ def _options(value, preferred):
 
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
          embedding_on_cpu: bool | None, optim: str, fast=None, offload: bool | None = False,
-         lm_head_nf4: bool | None = False, base: str = "nf4", tile: int | None = None) -> Plan:
+         lm_head_nf4: bool | None = False, base: str = "nf4", tile: int | None = None,
+         headroom: float = HEADROOM) -> Plan:
     """The choices that fit `usable` GiB; ValueError, naming the flags that would fit, if none does.
 
     None / "auto" leave a choice to the plan. Given up only where the run does not fit otherwise, in
@@ -184,12 +186,12 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     one, SMALL_TILE, where the experts already run in tiles: a little speed), CUDA graphs (speed), AdamW's float32
     moments (bitsandbytes' 8-bit AdamW changes the update a little), the bf16 lm_head (an NF4 head: the
     logits change a little), and last the blocks' inputs on the GPU (--offload-activations: pinned host
-    memory, copies that overlap compute, no graphs; last because it also costs the allocator room that
-    this estimate does not hold: at 65,536 tokens on the 16 GB card train.py ran out of memory with
-    2 GiB reserved but unused, docs/BENCHMARKS.md).
+    memory, copies that overlap compute, no graphs). `headroom`: the share of `usable` the estimate may
+    fill (--memory-headroom); the rest is the allocator's (measured up to 1.2 GiB on the 16 GB card,
+    docs/BENCHMARKS.md).
     """
     from model.fast.tiled_moe import TILE_TOKENS
-    fits = usable * GIB * HEADROOM
+    fits = usable * GIB * headroom
     tiles = [tile] if tile else [TILE_TOKENS] + [SMALL_TILE] * (tokens_per_micro_batch > TILE_TOKENS)
     tried = []
     for off in _options(offload, [False, True]):
@@ -209,7 +211,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     raise ValueError(
         f"this run needs about {min(tried) / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is "
         f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). "
-        + would_fit(config, trainable, tokens_per_micro_batch, usable, fast, base))
+        + would_fit(config, trainable, tokens_per_micro_batch, usable, fast, base, headroom))
 
 
 def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offload: bool, head: bool, g: bool,
@@ -225,9 +227,10 @@ def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offlo
     return [line]
 
 
-def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, base: str = "nf4") -> str:
+def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, base: str = "nf4",
+              headroom: float = HEADROOM) -> str:
     """What to change, naming flags: every saving at once, and the longest --max-seq-len that then fits."""
-    fits = usable * GIB * HEADROOM
+    fits = usable * GIB * headroom
     saving = (f"--embedding-on-cpu --offload-activations --lm-head-nf4 --optim adamw8bit --cuda-graphs off "
               f"--expert-tile {SMALL_TILE}")
     lowest = need(config, trainable, "adamw8bit", 0, False, fast, True, True, base, SMALL_TILE)
@@ -241,8 +244,13 @@ def would_fit(config, trainable: int, tokens: int, usable: float, fast=None, bas
                                         SMALL_TILE).total(False) <= fits else (low, mid)
     if low >= tokens - 1:
         return f"It fits with {saving}"
+    share = need(config, trainable, "adamw8bit", tokens, False, fast, True, True, base, SMALL_TILE).total(False) \
+        / (usable * GIB)
+    closer = (f"; or, with those flags, --memory-headroom {math.ceil(share * 100) / 100:.2f} (the plan's share of the "
+              f"GPU, now {headroom:g}): less room for the allocator, so it may run out of memory mid-run"
+              if share < 0.98 else "")
     return (f"With {saving} it fits up to --max-seq-len {low} (and --micro-batch-size 1 without --packing); "
-            "or adapt fewer modules (--targets)")
+            f"or adapt fewer modules (--targets){closer}")
 
 
 def out_of_memory(error: Exception, output_dir) -> str:
@@ -305,7 +313,8 @@ def fit(config, model_config, resume=None):
                          "copies; pass one of them")
     chosen = plan(model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
                   graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
-                  config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile)
+                  config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile,
+                  config.memory_headroom)
     config.embedding_on_cpu, config.optim, config.expert_tile = chosen.embedding_on_cpu, chosen.optim, chosen.tile
     config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
     if not chosen.graphs and config.cuda_graphs == "auto":

@@ -85,6 +85,9 @@ class TrainConfig:
                           "printed at start) or plain (none: the plain twins, slower, same math)")
     cuda_graphs: str = option("auto", "replay each micro-batch's forward and backward as a CUDA graph, far "
                               "fewer launches from the host: on, off, or auto (on where the model allows it)")
+    memory_headroom: float = option(0.92, "the share of the GPU's usable memory the memory plan's estimate may "
+                                    "fill; the rest is the allocator's room. Higher fits longer rows at the risk "
+                                    "of running out of memory mid-run (a 16 GB card: 65,536 tokens at 0.95)")
     max_steps: int = option(0, "stop after this many optimizer steps (0: all epochs); the learning-rate "
                             "schedule still spans all epochs")
     max_bad_steps: int = option(5, "stop when this many steps in a row have a non-finite loss or gradient")
@@ -106,7 +109,7 @@ class TrainConfig:
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
                   "embedding_on_cpu", "offload_activations", "cuda_graphs", "kernels", "packing",  # packing: the same steps
-                  "expert_tile"}
+                  "expert_tile", "memory_headroom"}
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
@@ -172,6 +175,8 @@ def check(config: TrainConfig):
         problems.append(f"--cuda-graphs must be auto, on or off, not {config.cuda_graphs!r}")
     if not 0 <= config.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], not {config.min_lr_ratio}")
+    if not 0.5 <= config.memory_headroom <= 1:
+        problems.append(f"--memory-headroom must be in [0.5, 1], not {config.memory_headroom}")
     if not 0 < config.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1, not {config.threshold}")
     out = Path(config.output_dir).expanduser()

@@ -138,15 +138,20 @@ def test_120b_attention_lora_fits_80_gb_and_at_the_full_context_with_offloading(
         plan(gpt_oss_120b, trainable, 131072, True, card, None, "auto", offload=False, lm_head_nf4=False)
 
 
-def test_long_rows_may_take_the_small_tile_and_65k_tokens_are_refused_on_the_16_gb_card(gpt_oss_20b):
-    """At 65,536 tokens under the 15.58 GiB cap the bench peaked at 14.40 GiB with every saving and the
-    experts 2,048 tokens at a time, but train.py ran out of memory there (2 GiB reserved and unused
-    beside offloading, docs/BENCHMARKS.md): the plan refuses it, naming the flags and the length that
-    fit. The estimate is within 10% of that measured peak, above it."""
+def test_long_rows_may_take_the_small_tile_and_65k_tokens_need_a_higher_headroom_on_the_16_gb_card(gpt_oss_20b):
+    """At 65,536 tokens under the 15.58 GiB cap train.py peaked at 14.40 GiB allocated, 14.69 reserved,
+    with every saving but 8-bit AdamW and the experts 2,048 tokens at a time; at 61,142 tokens, the
+    plan's own choice, 14.09 allocated but 15.30 reserved (docs/BENCHMARKS.md). So the default headroom
+    refuses 65,536, naming the flags, the length that fits and the headroom that would take it; at
+    --memory-headroom 0.95 the plan is the measured run's. The estimate is within 10% above the peak."""
     estimate = need(gpt_oss_20b, ATTENTION_R16, "adamw", 65536, False, None, True, True, tile=2048).total(False)
     assert 1.0 < estimate / (14.40 * GIB) < 1.1
-    with pytest.raises(ValueError, match="--expert-tile 2048 it fits up to --max-seq-len 6"):
+    with pytest.raises(ValueError, match="--expert-tile 2048 it fits up to --max-seq-len 6.*--memory-headroom 0.94"):
         plan(gpt_oss_20b, ATTENTION_R16, 65536, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
+    measured = plan(gpt_oss_20b, ATTENTION_R16, 65536, True, CARD, None, "auto", offload=None, lm_head_nf4=None,
+                    headroom=0.95)
+    assert (measured.embedding_on_cpu, measured.offload, measured.lm_head_nf4, measured.optim, measured.graphs,
+            measured.tile) == (True, True, True, "adamw", False, 2048)
     # the small tile where it is all that is missing; never below the default tile's length
     tight = need(gpt_oss_20b, ATTENTION_R16, "adamw", 16384, False, tile=2048).total(True) / GIB / HEADROOM
     chosen = plan(gpt_oss_20b, ATTENTION_R16, 16384, False, tight + 0.01, False, "adamw", offload=False,
@@ -165,3 +170,8 @@ def test_too_small_a_card_is_told_the_flags_and_the_length_that_fit(gpt_oss_20b,
     assert plan(gpt_oss_20b, ATTENTION_R16, longest, True, 14.0, True, "adamw8bit", offload=True, lm_head_nf4=True)
     with pytest.raises(ValueError, match="Even the model alone does not fit"):
         plan(gpt_oss_120b, ATTENTION_R16, 4096, True, 24, None, "auto", offload=None, lm_head_nf4=None)
+
+
+def test_the_headroom_option_defaults_to_the_plans_own():
+    from train_config import TrainConfig
+    assert TrainConfig().memory_headroom == HEADROOM
