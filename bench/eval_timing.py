@@ -10,6 +10,8 @@ not bit-equal, since the shapes differ); the largest difference is printed.
     QLORA_GPU_MEMORY_GIB=15.58 python bench/eval_timing.py --checkpoint $CKPT --data DIR/val.jsonl --n 80,2000
     QLORA_GPU_MEMORY_GIB=15.58 python bench/eval_timing.py --random gpt-oss-20b --checkpoint .gpu/tokenizer.json ...
 
+--per-forward then times every forward of each layout on its own, by size (where the time goes).
+
 --random builds the named model with random weights straight into NF4 on the GPU (bench/big_memory.py's
 builder, a second or two) instead of loading --checkpoint, which then only gives the tokenizer.
 """
@@ -29,12 +31,42 @@ from model import load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 
 
+FORWARDS: list | None = None   # --per-forward: (tokens, rows, seconds) of each forward
+
+
 def timed(model, tokenizer, encoded, **options):
     torch.cuda.synchronize()
     start = time.perf_counter()
     scores = score_rendered(model, tokenizer, encoded, **options)
     torch.cuda.synchronize()
     return time.perf_counter() - start, scores
+
+
+def time_each_forward(model):
+    """Wrap model.hidden_states so each forward is timed on its own (synchronised: slower in all)."""
+    forward = model.hidden_states
+
+    def timed_forward(input_ids, *rest):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        h = forward(input_ids, *rest)
+        torch.cuda.synchronize()
+        if FORWARDS is not None:
+            FORWARDS.append((input_ids.numel(), input_ids.shape[0], time.perf_counter() - start))
+        return h
+    model.hidden_states = timed_forward
+
+
+def forward_summary(forwards) -> dict:
+    """Forwards by size: how many, their seconds, tokens/s; and the slowest five."""
+    out = {}
+    for low, high in ((0, 512), (512, 2048), (2048, 4096), (4096, 1 << 30)):
+        f = [x for x in forwards if low <= x[0] < high]
+        if f:
+            out[f"{low}-{high} tokens"] = {"forwards": len(f), "s": round(sum(x[2] for x in f), 2),
+                                           "tok_per_s": round(sum(x[0] for x in f) / sum(x[2] for x in f))}
+    out["slowest"] = [(n, r, round(t * 1e3, 1)) for n, r, t in sorted(forwards, key=lambda x: -x[2])[:5]]
+    return out
 
 
 def main():
@@ -46,6 +78,8 @@ def main():
     p.add_argument("--row", type=int, default=4096, help="packed: row length (train.py's --max-seq-len)")
     p.add_argument("--rows", default="1,4", help="packed: rows a forward, each timed")
     p.add_argument("--random", default=None, help="a preset (gpt-oss-20b) built with random weights on the GPU")
+    p.add_argument("--per-forward", action="store_true", help="also time each forward, by size (a second "
+                   "pass of each layout, synchronised per forward)")
     args = p.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     cap = cap_gpu_memory(device)
@@ -79,6 +113,17 @@ def main():
             result[f"packed_{rows}_max_score_diff"] = float(max(abs(a - b) for a, b in zip(padded, packed)))
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         print(json.dumps(result), flush=True)
+        if args.per_forward:
+            global FORWARDS
+            time_each_forward(model)
+            for name, options in [("padded", {"batch_size": args.batch_size, "max_tokens": 2 * args.row}),
+                                  *[(f"packed_{r}", {"batch_size": r, "pack_len": args.row})
+                                    for r in map(int, args.rows.split(","))]]:
+                FORWARDS = []
+                timed(model, tokenizer, encoded, **options)
+                print(json.dumps({"n": n, "per_forward": name, **forward_summary(FORWARDS)}), flush=True)
+            FORWARDS = None
+            del model.hidden_states   # the class's own again
 
 
 if __name__ == "__main__":
