@@ -103,6 +103,31 @@ def test_the_allocator_setting_is_in_place_before_the_process_group_starts(monke
     assert seen == ["expandable_segments:True"]
 
 
+def test_the_allocator_setting_is_in_place_before_torch_is_imported():
+    """Importing bitsandbytes (and model/) starts CUDA's allocator, which reads PYTORCH_CUDA_ALLOC_CONF
+    then and never again: train.py must set it before its first import of torch. A fresh interpreter,
+    the variable unset, records it at the moment torch's import begins."""
+    import subprocess
+    import sys
+    probe = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        return None
+sys.meta_path.insert(0, Watch())
+import train
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['expandable_segments:True']"
+
+
 @pytest.mark.slow
 def test_two_ranks_x_accumulation_2_equal_one_process_x_accumulation_4(task, one_process, tmp_path):
     result = train_py(tmp_path, task, "--grad-accum", "2", ranks=2)
