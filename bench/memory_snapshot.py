@@ -4,8 +4,9 @@ Runs train.main with the arguments after `--`, the allocator recording each allo
 Right after the model loads, prints one JSON line of the allocator's counts (allocated, reserved, the
 free memory split between live blocks, per pool); --empty-after-load then empties the cache, a
 variant. When CUDA runs out of memory, dumps the allocator's snapshot to --out
-(torch.cuda.memory._snapshot's pickle, for https://pytorch.org/memory_viz) and prints a summary of it: per pool, the mapped bytes, the live bytes and the free bytes between them, the largest
-free block, and the Python lines that allocated the most live memory.
+(torch.cuda.memory._snapshot's pickle, for https://pytorch.org/memory_viz) and prints a summary of it:
+per pool, the mapped bytes, the live bytes and the free bytes between them, the largest free block,
+and the Python lines that allocated the most live memory.
 
 Caveat, measured: with the history recorded, two 65,536-token runs (growable segments) stopped in
 their first backward with "SystemError: run_backward returned NULL without setting an exception" and
