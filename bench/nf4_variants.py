@@ -1,6 +1,6 @@
 """Variants of the NF4 grouped-product kernels (model/fast/nf4_gemm.py) to time on an H100/H200 (issue 17).
 
-docs/kernel_sass_report.md (and /work/helpers/kernel_sass_report.md) reads the sm_90 SASS of the
+docs/kernel_sass_report.md reads the sm_90 SASS of the
 training kernels: the forward waits for each wgmma before dequantising the next tile, runs two
 m64n64 SS wgmma groups per step (x read from shared memory twice), and the transposed kernel's
 wgmmas are all serialised by ptxas (C7515) although Triton asked for one in flight. Each variant
