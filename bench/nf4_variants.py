@@ -260,20 +260,9 @@ def check_interpreter():
 
 
 # ---------------------------------------------------------------- GPU: times
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps  # ms
-
-
 def gpu(rows_list, out):
     from model.weights.nf4 import NF4Tensor
+    from tune_nf4_gemm import timed   # beside this script
     torch.manual_seed(0)
     experts, hidden, inter, alpha, limit = 32, 2880, 2880, 1.702, 7.0
     results = []
