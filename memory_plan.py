@@ -170,6 +170,12 @@ class Plan(NamedTuple):
     tile: int = 0     # the experts' tile of tokens (model/fast/tiled_moe.py)
 
 
+# The formula above is for checkpointed blocks; without checkpointing nothing of it was measured
+NOT_CHECKPOINTED = ("  --no-gradient-checkpointing: every block keeps its own activations, which this estimate "
+                    "does not count (it is for checkpointed blocks): the run may need far more, and the plan "
+                    "cannot say whether it fits")
+
+
 def _options(value, preferred):
     """The settings to try: the user's own, or (None, "auto") each of `preferred` in order."""
     return [value] if value is not None and value != "auto" else list(preferred)
@@ -315,6 +321,8 @@ def fit(config, model_config, resume=None):
                   graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
                   config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile,
                   config.memory_headroom)
+    if not config.gradient_checkpointing:
+        print(NOT_CHECKPOINTED)
     config.embedding_on_cpu, config.optim, config.expert_tile = chosen.embedding_on_cpu, chosen.optim, chosen.tile
     config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
     if not chosen.graphs and config.cuda_graphs == "auto":

@@ -175,3 +175,28 @@ def test_too_small_a_card_is_told_the_flags_and_the_length_that_fit(gpt_oss_20b,
 def test_the_headroom_option_defaults_to_the_plans_own():
     from train_config import TrainConfig
     assert TrainConfig().memory_headroom == HEADROOM
+
+
+def test_train_pys_plan_on_a_16_gb_gpu_takes_the_headroom_and_flags_no_checkpointing(gpt_oss_20b, monkeypatch, capsys):
+    """memory_plan.fit as train.py calls it on a GPU (the GPU's queries stood in for on the CPU): the
+    headroom reaches the plan (65,536 tokens refused by default, taken at 0.95), and a run without
+    gradient checkpointing is told that the estimate does not cover it."""
+    import torch
+    import memory_plan
+    from train_config import TrainConfig, with_defaults
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gate, "bf16_problem", lambda device: None)
+    hopper = FastPaths(nf4_kernels=True, grouped_mm=True, flex_attention=True, compiled=True, cuda_graphs=True,
+                       capability=(9, 0))
+    monkeypatch.setattr(gate, "decide", lambda device, kernels="auto": hopper)
+    monkeypatch.setattr(memory_plan, "cap_gpu_memory", lambda device: CARD)
+    monkeypatch.setenv(memory_plan.CAP_VARIABLE, str(CARD))
+    with pytest.raises(ValueError, match="--memory-headroom 0.94"):
+        memory_plan.fit(TrainConfig(max_seq_len=65536), gpt_oss_20b)
+    config = TrainConfig(max_seq_len=65536, memory_headroom=0.95)
+    memory_plan.fit(config, gpt_oss_20b)
+    assert config.offload_activations and config.lm_head_nf4 and config.embedding_on_cpu
+    assert memory_plan.NOT_CHECKPOINTED not in capsys.readouterr().out
+    memory_plan.fit(with_defaults(TrainConfig(gradient_checkpointing=False)), gpt_oss_20b)
+    assert memory_plan.NOT_CHECKPOINTED in capsys.readouterr().out
