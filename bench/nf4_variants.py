@@ -11,7 +11,7 @@ bf16(code[i] * absmax) with the product in fp32, bitsandbytes' own dequantisatio
                   hi, lo... as W's columns): m64n128 wgmmas instead of two m64n64 groups, x read once
                   from shared memory per step; the epilogue splits gate and up from the accumulator.
     fwd_pair      fwd_joined whose code-book lookup takes a 256-entry table of byte -> (code[hi], code[lo])
-                  pairs: one gather of two fp32 per byte instead of two gathers with nibble arithmetic.
+                  pairs (the same kernel, PAIRS): a lookup at 2b and 2b + 1, no nibble arithmetic.
                   Interpreter only: Triton 3.8 does not compile it for sm_90 (INTERPRETER_ONLY below).
     dx_constexpr  dx = dy W^T, the current kernel with N (the summed dim, its loop bound) a constexpr:
                   the loop cannot run zero times, so no path defines the accumulator outside a wgmma,
@@ -66,8 +66,10 @@ def _epilogue(acc, rows, row_ok, expert, tile_n, bias_ptr, y_ptr, h_ptr, N, alph
 @triton.jit
 def _fwd_joined_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
                        K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
-                       SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # nf4_gemm._grouped_mm_kernel with one dot per step over the (BK, BN) tile in W's own column order
+                       SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PAIRS: tl.constexpr = False):
+    # nf4_gemm._grouped_mm_kernel with one dot per step over the (BK, BN) tile in W's own column order.
+    # PAIRS (fwd_pair): code_ptr is the 256-entry byte -> pair-of-levels table, one lookup per level
     expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
     if expert < 0:
         return
@@ -79,17 +81,22 @@ def _fwd_joined_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bia
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N, x.dtype, BN)
-        acc = tl.dot(x, tl.reshape(tl.join(hi, lo), (BK, BN)), acc)
+        if PAIRS:
+            w = _dequant_pairs(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N, x.dtype, BN)
+        else:
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N, x.dtype,
+                                   BN)
+            w = tl.reshape(tl.join(hi, lo), (BK, BN))
+        acc = tl.dot(x, w, acc)
     _epilogue(acc, rows, row_ok, expert, tile_n, bias_ptr, y_ptr, h_ptr, N, alpha, limit, HAS_BIAS, STORE_Y,
               SWIGLU, BM, BN)
 
 
 @triton.jit
-def _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr,
-                   PAIRS_2D: tl.constexpr):
-    """W[expert][ks, n0:n0+BN] in `dtype`, in W's column order: each byte's two levels from one gather in
-    the 256-entry table pair[b] = (code[b >> 4], code[b & 15]), each times its block's scale in fp32."""
+def _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
+    """W[expert][ks, n0:n0+BN] in `dtype`, in W's column order: each level looked up at 2 * byte and
+    2 * byte + 1 of the 256-entry table pair[b] = (code[b >> 4], code[b & 15]) (no nibble arithmetic),
+    times its block's scale in fp32. (A 2-D gather of pair[byte, :] fails to compile for sm_90 as well.)"""
     BK: tl.constexpr = ks.shape[0]
     row = expert.to(tl.int64) * K + ks
     j = tl.arange(0, BN // 2)
@@ -100,37 +107,9 @@ def _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, n0, K, N,
                     mask=k_ok[:, None] & (n0 + 64 * b[None, :] < N), other=0.0)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BK, BN // 64, 64)), (BK, BN))
     pair = tl.load(pair_ptr + tl.arange(0, 512))
-    if PAIRS_2D:    # one 2-D gather: out[i, c] = pair[byte_i, c] (Triton 3.8 fails to compile it for sm_90)
-        rows_of = tl.broadcast_to(tl.reshape(byte, (BK * BN // 2, 1)), (BK * BN // 2, 2))
-        levels = tl.reshape(tl.gather(tl.reshape(pair, (256, 2)), rows_of, 0), (BK, BN))
-    else:           # one 1-D gather at 2 * byte and 2 * byte + 1: no nibble arithmetic, one lookup per level
-        at = tl.reshape(tl.join(2 * byte, 2 * byte + 1), (BK * BN,))
-        levels = tl.reshape(tl.gather(pair, at, 0), (BK, BN))
+    at = tl.reshape(tl.join(2 * byte, 2 * byte + 1), (BK * BN,))
+    levels = tl.reshape(tl.gather(pair, at, 0), (BK, BN))
     return (levels * scale).to(dtype)
-
-
-@triton.jit
-def _fwd_pair_kernel(x_ptr, packed_ptr, absmax_ptr, pair_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
-                     K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
-                     SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     PAIRS_2D: tl.constexpr = False):
-    # _fwd_joined_kernel with the byte -> pair-of-levels table
-    expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
-    if expert < 0:
-        return
-    rows = first + tl.arange(0, BM)
-    row_ok = rows < end
-    acc = tl.full((BM, BN), 0.0, tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, tile_n * BN, K, N, x.dtype, BN,
-                           PAIRS_2D)
-        acc = tl.dot(x, w, acc)
-    _epilogue(acc, rows, row_ok, expert, tile_n, bias_ptr, y_ptr, h_ptr, N, alpha, limit, HAS_BIAS, STORE_Y,
-              SWIGLU, BM, BN)
 
 
 @triton.jit
@@ -161,31 +140,31 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[b >> 4], code[b & 15]], dim=1).reshape(-1).float().contiguous()
 
 
-# name -> (kernel, operands(w, device), transposed?)
+# name -> (kernel, operands(w, device), transposed?, constexprs beyond the tiles)
 def _pair_operands(w, device):
     packed, scales, code = nf4_gemm.operands(w, device)
     return packed, scales, pair_table(code)
 
 
-VARIANTS = {"fwd_joined": (_fwd_joined_kernel, nf4_gemm.operands, False),
-            "dx_constexpr": (_dx_constexpr_kernel, nf4_gemm.operands, True)}
+VARIANTS = {"fwd_joined": (_fwd_joined_kernel, nf4_gemm.operands, False, {}),
+            "dx_constexpr": (_dx_constexpr_kernel, nf4_gemm.operands, True, {})}
 # Exact in the interpreter, but Triton 3.8 does not compile it for sm_90: both forms of the pair gather
 # trip an assertion in TritonGPUOptimizeThreadLocality (`GatherLoweringHelper(op).isWarpLocal()`), so it
 # is neither counted nor timed.
-INTERPRETER_ONLY = {"fwd_pair": (_fwd_pair_kernel, _pair_operands, False)}
+INTERPRETER_ONLY = {"fwd_pair": (_fwd_joined_kernel, _pair_operands, False, {"PAIRS": True})}
 
 
 def forward(name, x, w, offsets, bias, swiglu=None, keep_y=True, tiles=None):
     """As nf4_gemm.grouped_mm_swiglu (swiglu = (alpha, limit)) or grouped_mm (swiglu None): (y, h)."""
-    kernel, ops, _ = {**VARIANTS, **INTERPRETER_ONLY}[name]
+    kernel, ops, _, constexprs = {**VARIANTS, **INTERPRETER_ONLY}[name]
     return nf4_gemm.launch(kernel, ops(w, x.device), x, offsets, nf4_gemm._check(x, w, offsets), bias, swiglu,
-                           keep_y, tiles or nf4_gemm._tiles(x, transposed=False))
+                           keep_y, {**(tiles or nf4_gemm._tiles(x, transposed=False)), **constexprs})
 
 
 def backward(name, dy, w, offsets, tiles=None):
-    kernel, ops, _ = VARIANTS[name]
+    kernel, ops, _, constexprs = VARIANTS[name]
     return nf4_gemm.launch_t(kernel, ops(w, dy.device), dy, offsets, nf4_gemm._check(dy, w, offsets),
-                             tiles or nf4_gemm._tiles(dy, transposed=True))
+                             {**(tiles or nf4_gemm._tiles(dy, transposed=True)), **constexprs})
 
 
 def static_targets():
@@ -198,8 +177,9 @@ def static_targets():
     big = {**t, "BM": 256, "num_warps": 8}
     out = [("fwd current BM256 8w", nf4_gemm._grouped_mm_kernel, swiglu, big, (256, 128, 64)),
            ("fwd current 4 stages", nf4_gemm._grouped_mm_kernel, swiglu, {**t, "num_stages": 4}, (128, 128, 64))]
-    out.append(("fwd_joined", _fwd_joined_kernel, swiglu, t, (128, 128, 64)))
-    out.append(("fwd_joined BM256 8w", _fwd_joined_kernel, swiglu, big, (256, 128, 64)))
+    joined = {**swiglu, "PAIRS": False}     # named, or the compiled signature would take it as a runtime value
+    out.append(("fwd_joined", _fwd_joined_kernel, joined, t, (128, 128, 64)))
+    out.append(("fwd_joined BM256 8w", _fwd_joined_kernel, joined, big, (256, 128, 64)))
     out.append(("dx_constexpr N=5760", _dx_constexpr_kernel, {"N": 5760}, tt, (tt["BK"], tt["BM"], tt["BN"])))
     out.append(("dx_constexpr N=2880", _dx_constexpr_kernel, {"N": 2880}, tt, (tt["BK"], tt["BM"], tt["BN"])))
     return out
@@ -228,7 +208,7 @@ def check_interpreter():
         for tiles_name, (tiles, tiles_t) in tile_sets.items():
             ref_y, ref_h = nf4_gemm.grouped_mm_swiglu(x, w, offsets, bias, 1.702, 7.0, tiles=tiles)
             ref_dx = nf4_gemm.grouped_mm_t(dy, w, offsets, tiles=tiles_t)
-            for name, (_, _, transposed) in {**VARIANTS, **INTERPRETER_ONLY}.items():
+            for name, (_, _, transposed, _) in {**VARIANTS, **INTERPRETER_ONLY}.items():
                 r = {"variant": name, "tiles": tiles_name, "shape": [experts, n_in, n_out, counts]}
                 if transposed:
                     if tiles_name != "hopper":
@@ -275,7 +255,7 @@ def gpu(rows_list, out):
     w = NF4Tensor(torch.randn(2, 128, 384, device="cuda", dtype=torch.bfloat16))
     eye = torch.eye(128, device="cuda", dtype=torch.bfloat16).repeat(2, 1)
     eye_offsets = torch.tensor([128, 256], dtype=torch.int32, device="cuda")
-    for name, (_, _, transposed) in VARIANTS.items():
+    for name, (_, _, transposed, _) in VARIANTS.items():
         if transposed:
             eye_t = torch.eye(384, device="cuda", dtype=torch.bfloat16).repeat(2, 1)
             got = backward(name, eye_t, w, torch.tensor([384, 768], dtype=torch.int32, device="cuda"))
@@ -307,7 +287,7 @@ def gpu(rows_list, out):
             ms = timed(lambda: nf4_gemm.grouped_mm_t(dy, w, offsets))
             emit({**base, "variant": "current grouped_mm_t", "ms": ms, "TFLOPs": round(flops / ms / 1e9, 1)})
             big = {**nf4_gemm.TILES, "BM": 256, "num_warps": 8}
-            for name, (_, _, transposed) in VARIANTS.items():
+            for name, (_, _, transposed, _) in VARIANTS.items():
                 for tiles in ([None] if transposed else [None, big, {**nf4_gemm.TILES, "num_stages": 4}]):
                     r = {**base, "variant": name, "tiles": tiles or "default"}
                     try:
