@@ -31,9 +31,6 @@ from model import load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 
 
-FORWARDS: list | None = None   # --per-forward: (tokens, rows, seconds) of each forward
-
-
 def timed(model, tokenizer, encoded, **options):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -42,8 +39,9 @@ def timed(model, tokenizer, encoded, **options):
     return time.perf_counter() - start, scores
 
 
-def time_each_forward(model):
-    """Wrap model.hidden_states so each forward is timed on its own (synchronised: slower in all)."""
+def time_each_forward(model, forwards: list):
+    """Wrap model.hidden_states so each forward is timed on its own (synchronised: slower in all), its
+    (tokens, rows, seconds) appended to `forwards`; `del model.hidden_states` undoes it."""
     forward = model.hidden_states
 
     def timed_forward(input_ids, *rest):
@@ -51,8 +49,7 @@ def time_each_forward(model):
         start = time.perf_counter()
         h = forward(input_ids, *rest)
         torch.cuda.synchronize()
-        if FORWARDS is not None:
-            FORWARDS.append((input_ids.numel(), input_ids.shape[0], time.perf_counter() - start))
+        forwards.append((input_ids.numel(), input_ids.shape[0], time.perf_counter() - start))
         return h
     model.hidden_states = timed_forward
 
@@ -114,16 +111,14 @@ def main():
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         print(json.dumps(result), flush=True)
         if args.per_forward:
-            global FORWARDS
-            time_each_forward(model)
             for name, options in [("padded", {"batch_size": args.batch_size, "max_tokens": 2 * args.row}),
                                   *[(f"packed_{r}", {"batch_size": r, "pack_len": args.row})
                                     for r in map(int, args.rows.split(","))]]:
-                FORWARDS = []
+                forwards = []
+                time_each_forward(model, forwards)
                 timed(model, tokenizer, encoded, **options)
-                print(json.dumps({"n": n, "per_forward": name, **forward_summary(FORWARDS)}), flush=True)
-            FORWARDS = None
-            del model.hidden_states   # the class's own again
+                del model.hidden_states   # the class's own again
+                print(json.dumps({"n": n, "per_forward": name, **forward_summary(forwards)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ their first backward with "SystemError: run_backward returned NULL without setti
 no snapshot; --no-history ran. Record at shorter lengths, or read train.py's own out-of-memory.txt.
 
 --headroom overrides memory_plan.HEADROOM (the plan's slack), so a run the plan would refuse can be
-tried under the same cap. --compact-after-load moves the model's small tensors (under 2 MiB) to the
-host and back after loading, the allocator emptied between, to test whether loading's left-overs are
-what fragments the memory.
+tried under the same cap.
 
     QLORA_GPU_MEMORY_GIB=15.58 python bench/memory_snapshot.py --out oom.pickle --headroom 1.0 -- \
         --model $CKPT --data DIR --rank 16 --max-seq-len 65536
@@ -84,38 +82,6 @@ def summarise(snapshot) -> dict:
     return out
 
 
-def compact(model):
-    """The model's small CUDA tensors to the host, the allocator emptied, and back: packed afresh."""
-    moved = []
-    for obj in [model, *model.modules()]:
-        for holder in (obj.__dict__, getattr(obj, "_parameters", {}), getattr(obj, "_buffers", {})):
-            stack = [holder]
-            while stack:
-                d = stack.pop()
-                for k, v in list(d.items()):
-                    if isinstance(v, torch.nn.Parameter) and v.is_cuda and v.nbytes < 2 * MIB:
-                        moved.append((v, None, None, v.data.device))
-                        v.data = v.data.cpu()
-                    elif isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.is_cuda \
-                            and v.nbytes < 2 * MIB:
-                        moved.append((None, d, k, v.device))
-                        d[k] = v.cpu()
-                    elif not isinstance(v, (torch.Tensor, torch.nn.Module)) and hasattr(v, "__dict__") \
-                            and id(v) not in seen:
-                        seen.add(id(v))
-                        stack.append(v.__dict__)
-    torch.cuda.empty_cache()
-    for p, d, k, device in moved:
-        if p is not None:
-            p.data = p.data.to(device)
-        else:
-            d[k] = d[k].to(device)
-    return len(moved)
-
-
-seen: set = set()
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, help="the snapshot's pickle, written when CUDA runs out of memory")
@@ -123,7 +89,6 @@ def main():
     p.add_argument("--no-history", action="store_true", help="record nothing: train.py's own allocator, only "
                    "the headroom and the load-time counts changed (its out-of-memory.txt then tells)")
     p.add_argument("--empty-after-load", action="store_true", help="torch.cuda.empty_cache() after loading")
-    p.add_argument("--compact-after-load", action="store_true")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     args = p.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -154,9 +119,6 @@ def main():
         if args.empty_after_load:
             torch.cuda.empty_cache()
             print(json.dumps(counts("loaded, cache emptied")), flush=True)
-        if args.compact_after_load:
-            n = compact(model)
-            print(json.dumps({"compacted_tensors": n, **counts("compacted")}), flush=True)
         return model
 
     train.load_model = load_and_count
