@@ -17,9 +17,8 @@ import os
 import signal
 import sys
 
-# Growable segments instead of fixed blocks: far less memory lost between blocks on a small card (at
-# 65,536 tokens on the 16 GB card, 2 GiB with fixed blocks, docs/BENCHMARKS.md). Read once, when CUDA
-# first allocates, which the imports below already do: so here, before them. A user's own setting wins.
+# Growable segments, not fixed blocks (at 65,536 tokens on 16 GB fixed blocks lost 2 GiB): read once, when
+# CUDA starts, which importing bitsandbytes already does, so before the imports. A user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
@@ -41,8 +40,8 @@ import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from train_config import (FREE_ON_RESUME, TrainConfig, UsageError, check, learning_rate, parse_args,  # noqa: E402
-                          with_defaults)
+from train_config import (FREE_ON_RESUME, TrainConfig, UsageError, adapter_base, check, learning_rate,  # noqa: E402
+                          parse_args, with_defaults)
 
 if __name__ == "__main__":  # --help and malformed flags are answered before torch is imported (seconds)
     parse_args(sys.argv[1:], __doc__)
@@ -383,12 +382,6 @@ def evaluate_and_log(model, tokenizer, val_set, config: TrainConfig, step: int, 
 
 
 # ----------------------------------------------------------------------------- data
-def adapter_base(config: TrainConfig) -> dict:
-    """The base model an adapter of this run belongs to, as save_adapter records it (tiny: and its seed)."""
-    return {"base_model": config.model, "base_seed": config.seed if config.model == "tiny" else None,
-            "base_experts": config.base}
-
-
 @contextlib.contextmanager
 def user_errors(what: str):
     """Errors about what the user pointed us at (files, hub ids, settings) become one clear UsageError."""

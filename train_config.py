@@ -133,6 +133,12 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+def adapter_base(config: TrainConfig) -> dict:
+    """The base model an adapter of this run belongs to, as save_adapter records it (tiny: and its seed)."""
+    return {"base_model": config.model, "base_seed": config.seed if config.model == "tiny" else None,
+            "base_experts": config.base}
+
+
 def with_defaults(config: TrainConfig) -> TrainConfig:
     """The defaults that depend on other settings filled in: row length and data by model, alpha by rank."""
     if config.max_seq_len is None:
