@@ -193,8 +193,8 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     moments (bitsandbytes' 8-bit AdamW changes the update a little), the bf16 lm_head (an NF4 head: the
     logits change a little), and last the blocks' inputs on the GPU (--offload-activations: pinned host
     memory, copies that overlap compute, no graphs). `headroom`: the share of `usable` the estimate may
-    fill (--memory-headroom); the rest is the allocator's (measured up to 1.2 GiB on the 16 GB card,
-    docs/BENCHMARKS.md).
+    fill (--memory-headroom); the rest is the allocator's (the default run on the 16 GB card reserved
+    1.05 GiB above its allocated peak, docs/BENCHMARKS.md).
     """
     from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * headroom
