@@ -60,10 +60,12 @@ if triton is not None:
 
     @triton.jit
     def _grouped_mm_kernel(x_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
-                           K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
-                           SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                           K: tl.constexpr, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr,
+                           STORE_Y: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile, as its
         # transpose W[e]^T x^T. SWIGLU: also h = gpt-oss's clamped SwiGLU of y (gate, up: y's even, odd columns)
+        # K, the loop's bound, is a constexpr for the reason nf4_gemm's transposed kernel gives
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return

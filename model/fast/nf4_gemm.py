@@ -142,10 +142,12 @@ if triton is not None:
 
     @triton.jit
     def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
-                             K, N, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+                             K, N: tl.constexpr, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
         # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N.
         # It is computed transposed, dx^T = W[e] dy^T: the dequantised weights are then the product's
-        # left operand, which Hopper's wgmma reads from registers (no trip through shared memory).
+        # left operand, which Hopper's wgmma reads from registers. N, the loop's bound, is a constexpr
+        # (one compilation per width): with a runtime bound the loop may run zero times, and on that
+        # path the accumulator is not a wgmma's, so ptxas serialises every wgmma (warning C7515).
         expert, first, end, tile_k = _program_tile(offsets_ptr, num_experts, K, BM, BK)
         if expert < 0:
             return

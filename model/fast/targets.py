@@ -36,9 +36,12 @@ GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32}
 def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
     """The kernel as the JIT builds it for these arguments: every pointer 16-byte aligned (torch's
     allocations are), an int that is a multiple of 16 marked divisible by 16, an int equal to 1
-    folded into a constant (Triton 3's specialisation), floats not specialised."""
+    folded into a constant (Triton 3's specialisation), floats not specialised; a size the kernel
+    declares a constexpr takes its value from `ints`."""
     signature, attrs, constexprs = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
+        if kernel.params[i].is_constexpr and name in ints and name not in constexprs:
+            constexprs[name] = ints[name]          # a size the kernel takes as a constexpr (its loop's bound)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
