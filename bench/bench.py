@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora import inject, lora_parameters  # noqa: E402
+from lora.inject import DEFAULT_TARGETS  # noqa: E402
 from model import load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep, graph_problem  # noqa: E402
@@ -57,10 +58,10 @@ def load(checkpoint, options):
     return model, r
 
 
-def train_lora(model):
-    """The benchmarked adapter on `model`: LoRA r=16 on q/k/v/o, no dropout, gradient checkpointing,
-    training mode; returns its parameters and their fused AdamW."""
-    inject(model, rank=16, alpha=16, dropout=0.0)
+def train_lora(model, targets=DEFAULT_TARGETS):
+    """The benchmarked adapter on `model`: LoRA r=16 on `targets` (q/k/v/o), no dropout, gradient
+    checkpointing, training mode; returns its parameters and their fused AdamW."""
+    inject(model, targets=targets, rank=16, alpha=16, dropout=0.0)
     model.gradient_checkpointing = True
     model.train()
     params = [p for _, p in lora_parameters(model)]
@@ -133,6 +134,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="only the default and embedding-on-cpu configs")
     p.add_argument("--graphs", action="store_true", help="the step as CUDA graphs (configs that rule them "
                    "out, such as experts in groups, are skipped with the reason)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA targets, as train.py's")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -145,7 +147,7 @@ def main():
             continue
         model, r = load(args.checkpoint, options)
         result["loads"].append(r)
-        params, opt = train_lora(model)
+        params, opt = train_lora(model, args.targets)
         graphed = None
         if args.graphs:
             problem = graph_problem(model, gate.decide("cuda"))

@@ -13,9 +13,9 @@ bf16(code[i] * absmax) with the product in fp32, bitsandbytes' own dequantisatio
     fwd_pair      fwd_joined whose code-book lookup takes a 256-entry table of byte -> (code[hi], code[lo])
                   pairs (the same kernel, PAIRS): a lookup at 2b and 2b + 1, no nibble arithmetic.
                   Interpreter only: Triton 3.8 does not compile it for sm_90 (INTERPRETER_ONLY below).
-    dx_constexpr  dx = dy W^T, the current kernel with N (the summed dim, its loop bound) a constexpr:
-                  the loop cannot run zero times, so no path defines the accumulator outside a wgmma,
-                  the cause of ptxas's C7515 serialisation (static check in the report).
+    fwd_t_constexpr  y^T = W^T x^T with K (the loop's bound) a constexpr: the dequantised weights as
+                  wgmma's register operand, pipelined, as mxfp4_gemm's forward.
+(The transposed kernel's variant, N a constexpr, won its A/B and is nf4_gemm's kernel now.)
 
     python3 bench/nf4_variants.py --interpret     # CPU: Triton's interpreter, tiny shapes, exactness
     python3 bench/nf4_variants.py [--rows 8192,16384] [--out variants.json]   # GPU: times, JSON lines
@@ -93,6 +93,29 @@ def _fwd_joined_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bia
 
 
 @triton.jit
+def _fwd_t_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
+                  K: tl.constexpr, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
+                  SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # y^T = W[e]^T x^T with K (the summed dim) a constexpr: the dequantised weights are wgmma's register
+    # operand, as in the transposed kernel, and the loop bound is known (no C7515 serialisation)
+    expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
+    if expert < 0:
+        return
+    rows = first + tl.arange(0, BM)
+    row_ok = rows < end
+    acc = tl.full((BN, BM), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        x_t = tl.load(x_ptr + rows[None, :].to(tl.int64) * K + ks[:, None],
+                      mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+        hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N, x_t.dtype, BN)
+        acc = tl.dot(tl.trans(tl.reshape(tl.join(hi, lo), (BK, BN))), x_t, acc)
+    _epilogue(tl.trans(acc), rows, row_ok, expert, tile_n, bias_ptr, y_ptr, h_ptr, N, alpha, limit, HAS_BIAS,
+              STORE_Y, SWIGLU, BM, BN)
+
+
+@triton.jit
 def _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
     """W[expert][ks, n0:n0+BN] in `dtype`, in W's column order: each level looked up at 2 * byte and
     2 * byte + 1 of the 256-entry table pair[b] = (code[b >> 4], code[b & 15]) (no nibble arithmetic),
@@ -112,59 +135,39 @@ def _dequant_pairs(packed_ptr, absmax_ptr, pair_ptr, expert, ks, k_ok, n0, K, N,
     return (levels * scale).to(dtype)
 
 
-@triton.jit
-def _dx_constexpr_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
-                         K, N: tl.constexpr, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    # nf4_gemm._grouped_mm_t_kernel, N a constexpr (one compilation per projection width)
-    expert, first, end, tile_k = _program_tile(offsets_ptr, num_experts, K, BM, BK)
-    if expert < 0:
-        return
-    rows = first + tl.arange(0, BM)
-    ks = tile_k * BK + tl.arange(0, BK)
-    row_ok, k_ok = rows < end, ks < K
-    acc = tl.full((BK, BM), 0.0, tl.float32)
-    for n0 in range(0, N, BN):
-        cols = n0 + tl.arange(0, BN)
-        dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + cols[:, None],
-                       mask=row_ok[None, :] & (cols < N)[:, None], other=0.0)
-        hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dy_t.dtype, BN)
-        w = tl.reshape(tl.join(hi, lo), (BK, BN))
-        acc = tl.dot(w, dy_t, acc)
-    tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], tl.trans(acc).to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & k_ok[None, :])
-
-
 def pair_table(code: torch.Tensor) -> torch.Tensor:
     """(512,) fp32: entries 2b, 2b + 1 = code[b >> 4], code[b & 15] (a byte's high nibble is the even element)."""
     b = torch.arange(256, device=code.device)
     return torch.stack([code[b >> 4], code[b & 15]], dim=1).reshape(-1).float().contiguous()
 
 
-# name -> (kernel, operands(w, device), transposed?, constexprs beyond the tiles)
 def _pair_operands(w, device):
     packed, scales, code = nf4_gemm.operands(w, device)
     return packed, scales, pair_table(code)
 
 
-VARIANTS = {"fwd_joined": (_fwd_joined_kernel, nf4_gemm.operands, False, {}),
-            "dx_constexpr": (_dx_constexpr_kernel, nf4_gemm.operands, True, {})}
+# the transposed forward's tiles: BN is wgmma's M (64 a warpgroup), BM its N (up to 256)
+TILES_FWD_T = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+# name -> (kernel, operands(w, device), constexprs beyond the tiles)
+VARIANTS = {"fwd_joined": (_fwd_joined_kernel, nf4_gemm.operands, {}),
+            "fwd_t_constexpr": (_fwd_t_kernel, nf4_gemm.operands, {})}
 # Exact in the interpreter, but Triton 3.8 does not compile it for sm_90: both forms of the pair gather
 # trip an assertion in TritonGPUOptimizeThreadLocality (`GatherLoweringHelper(op).isWarpLocal()`), so it
 # is neither counted nor timed.
-INTERPRETER_ONLY = {"fwd_pair": (_fwd_joined_kernel, _pair_operands, False, {"PAIRS": True})}
+INTERPRETER_ONLY = {"fwd_pair": (_fwd_joined_kernel, _pair_operands, {"PAIRS": True})}
+
+_BIG = {**nf4_gemm.TILES, "BM": 256, "num_warps": 8}
+# the tiles each variant is checked with in the interpreter, and timed with on the GPU
+TILE_SETS = {"fwd_joined": [nf4_gemm.TILES, _BIG], "fwd_pair": [nf4_gemm.TILES, _BIG],
+             "fwd_t_constexpr": [TILES_FWD_T, {**TILES_FWD_T, "BM": 64}, {**TILES_FWD_T, "BN": 64, "num_warps": 4},
+                                 {**TILES_FWD_T, "num_stages": 4}, {**TILES_FWD_T, "BM": 256}]}
 
 
 def forward(name, x, w, offsets, bias, swiglu=None, keep_y=True, tiles=None):
     """As nf4_gemm.grouped_mm_swiglu (swiglu = (alpha, limit)) or grouped_mm (swiglu None): (y, h)."""
-    kernel, ops, _, constexprs = {**VARIANTS, **INTERPRETER_ONLY}[name]
+    kernel, ops, constexprs = {**VARIANTS, **INTERPRETER_ONLY}[name]
     return nf4_gemm.launch(kernel, ops(w, x.device), x, offsets, nf4_gemm._check(x, w, offsets), bias, swiglu,
-                           keep_y, {**(tiles or nf4_gemm._tiles(x, transposed=False)), **constexprs})
-
-
-def backward(name, dy, w, offsets, tiles=None):
-    kernel, ops, _, constexprs = VARIANTS[name]
-    return nf4_gemm.launch_t(kernel, ops(w, dy.device), dy, offsets, nf4_gemm._check(dy, w, offsets),
-                             {**(tiles or nf4_gemm._tiles(dy, transposed=True)), **constexprs})
+                           keep_y, {**(tiles or TILE_SETS[name][0]), **constexprs})
 
 
 def static_targets():
@@ -172,16 +175,15 @@ def static_targets():
     gate_up sizes, the training variant (bias, y kept, SwiGLU)."""
     from model.fast import targets
     targets.POINTERS.setdefault("pair_ptr", "*fp32")        # the byte -> pair-of-levels table
-    t, tt = nf4_gemm.TILES, nf4_gemm.TILES_T
+    t = nf4_gemm.TILES
     swiglu = {"HAS_BIAS": True, "STORE_Y": True, "SWIGLU": True}
-    big = {**t, "BM": 256, "num_warps": 8}
-    out = [("fwd current BM256 8w", nf4_gemm._grouped_mm_kernel, swiglu, big, (256, 128, 64)),
+    out = [("fwd current BM256 8w", nf4_gemm._grouped_mm_kernel, swiglu, _BIG, (256, 128, 64)),
            ("fwd current 4 stages", nf4_gemm._grouped_mm_kernel, swiglu, {**t, "num_stages": 4}, (128, 128, 64))]
     joined = {**swiglu, "PAIRS": False}     # named, or the compiled signature would take it as a runtime value
     out.append(("fwd_joined", _fwd_joined_kernel, joined, t, (128, 128, 64)))
-    out.append(("fwd_joined BM256 8w", _fwd_joined_kernel, joined, big, (256, 128, 64)))
-    out.append(("dx_constexpr N=5760", _dx_constexpr_kernel, {"N": 5760}, tt, (tt["BK"], tt["BM"], tt["BN"])))
-    out.append(("dx_constexpr N=2880", _dx_constexpr_kernel, {"N": 2880}, tt, (tt["BK"], tt["BM"], tt["BN"])))
+    out.append(("fwd_joined BM256 8w", _fwd_joined_kernel, joined, _BIG, (256, 128, 64)))
+    ft = TILES_FWD_T
+    out.append(("fwd_t_constexpr", _fwd_t_kernel, swiglu, ft, (ft["BN"], ft["BM"], ft["BK"])))   # K from the sizes
     return out
 
 
@@ -194,41 +196,26 @@ def check_interpreter():
     results = []
     # (experts, in, out, rows per expert): empty experts, partial tiles, several row tiles, out % 128 != 0
     shapes = [(3, 96, 192, [5, 0, 70]), (4, 64, 128, [0, 0, 0, 9]), (2, 200, 64, [130, 1]), (3, 64, 192, [40, 0, 131])]
-    tile_sets = {"hopper": (nf4_gemm.TILES, nf4_gemm.TILES_T), "BM256 8w": ({**nf4_gemm.TILES, "BM": 256, "num_warps": 8},
-                                                                               nf4_gemm.TILES_T)}
     for seed, (experts, n_in, n_out, counts) in enumerate(shapes):
         torch.manual_seed(seed)
         w = NF4Tensor(torch.randn(experts, n_in, n_out), compute_dtype=torch.float32)
         dense = w.dequantize()
         offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
-        x, dy = torch.randn(sum(counts), n_in) * 4, torch.randn(sum(counts), n_out)
-        bias = torch.randn(experts, n_out)
+        x, bias = torch.randn(sum(counts), n_in) * 4, torch.randn(experts, n_out)
         eye = torch.eye(n_in).repeat(experts, 1)
         eye_offsets = torch.arange(1, experts + 1, dtype=torch.int32) * n_in
-        for tiles_name, (tiles, tiles_t) in tile_sets.items():
-            ref_y, ref_h = nf4_gemm.grouped_mm_swiglu(x, w, offsets, bias, 1.702, 7.0, tiles=tiles)
-            ref_dx = nf4_gemm.grouped_mm_t(dy, w, offsets, tiles=tiles_t)
-            for name, (_, _, transposed, _) in {**VARIANTS, **INTERPRETER_ONLY}.items():
-                r = {"variant": name, "tiles": tiles_name, "shape": [experts, n_in, n_out, counts]}
-                if transposed:
-                    if tiles_name != "hopper":
-                        continue
-                    dx = backward(name, dy, w, offsets, tiles=tiles_t)
-                    r["dx_equal_current"] = bool(torch.equal(dx, ref_dx))
-                    r["dx_max_abs_diff"] = (dx - ref_dx).abs().max().item() if dx.numel() else 0.0
-                    ident = backward(name, torch.eye(n_out).repeat(experts, 1), w,      # rows of W^T
-                                     torch.arange(1, experts + 1, dtype=torch.int32) * n_out, tiles=tiles_t)
-                    r["weights_differ"] = int((ident.view(experts, n_out, n_in).transpose(1, 2) != dense).sum())
-                else:
-                    y, h = forward(name, x, w, offsets, bias, (1.702, 7.0), tiles=tiles)
-                    r["y_equal_current"] = bool(torch.equal(y, ref_y))
-                    r["h_equal_current"] = bool(torch.equal(h, ref_h))
-                    r["y_max_abs_diff"] = (y - ref_y).abs().max().item() if y.numel() else 0.0
-                    r["h_max_abs_diff"] = (h - ref_h).abs().max().item() if h.numel() else 0.0
-                    ident, _ = forward(name, eye, w, eye_offsets, None, None, tiles=tiles)
-                    r["weights_differ"] = int((ident.view(experts, n_in, n_out) != dense).sum())
-                r["weights_of"] = dense.numel()
-                torch.testing.assert_close(*((dx, ref_dx) if transposed else (y, ref_y)), rtol=1e-5, atol=1e-4)
+        ref_y, ref_h = nf4_gemm.grouped_mm_swiglu(x, w, offsets, bias, 1.702, 7.0)
+        for name in {**VARIANTS, **INTERPRETER_ONLY}:
+            for tiles in TILE_SETS[name][:2]:
+                r = {"variant": name, "tiles": tiles, "shape": [experts, n_in, n_out, counts]}
+                y, h = forward(name, x, w, offsets, bias, (1.702, 7.0), tiles=tiles)
+                r["y_equal_current"] = bool(torch.equal(y, ref_y))
+                r["h_equal_current"] = bool(torch.equal(h, ref_h))
+                r["y_max_abs_diff"] = (y - ref_y).abs().max().item() if y.numel() else 0.0
+                r["h_max_abs_diff"] = (h - ref_h).abs().max().item() if h.numel() else 0.0
+                ident, _ = forward(name, eye, w, eye_offsets, None, None, tiles=tiles)
+                r["weights_differ"], r["weights_of"] = int((ident.view(experts, n_in, n_out) != dense).sum()), dense.numel()
+                torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-4)
                 assert r["weights_differ"] == 0, r
                 print(json.dumps(r), flush=True)
                 results.append(r)
@@ -255,13 +242,8 @@ def gpu(rows_list, out):
     w = NF4Tensor(torch.randn(2, 128, 384, device="cuda", dtype=torch.bfloat16))
     eye = torch.eye(128, device="cuda", dtype=torch.bfloat16).repeat(2, 1)
     eye_offsets = torch.tensor([128, 256], dtype=torch.int32, device="cuda")
-    for name, (_, _, transposed, _) in VARIANTS.items():
-        if transposed:
-            eye_t = torch.eye(384, device="cuda", dtype=torch.bfloat16).repeat(2, 1)
-            got = backward(name, eye_t, w, torch.tensor([384, 768], dtype=torch.int32, device="cuda"))
-            got = got.view(2, 384, 128).transpose(1, 2)
-        else:
-            got = forward(name, eye, w, eye_offsets, None)[0].view(2, 128, 384)
+    for name in VARIANTS:
+        got = forward(name, eye, w, eye_offsets, None)[0].view(2, 128, 384)
         emit({"variant": name, "weights_differ": int((got != w.dequantize()).sum()), "of": got.numel()})
     for rows in rows_list:
         counts = torch.bincount(torch.multinomial(torch.ones(experts), rows, replacement=True), minlength=experts)
@@ -270,37 +252,21 @@ def gpu(rows_list, out):
             w = NF4Tensor(torch.randn(experts, n_in, n_out, device="cuda", dtype=torch.bfloat16) * 0.02)
             bias = torch.randn(experts, n_out, device="cuda", dtype=torch.bfloat16) * 0.02
             x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16) * 4
-            dy = torch.randn(rows, n_out, device="cuda", dtype=torch.bfloat16)
             flops = 2 * rows * n_in * n_out
             base = {"rows": rows, "proj": proj}
-            if proj == "gate_up":        # the training forward: grouped_mm_swiglu keeping y
-                ref_y, ref_h = nf4_gemm.grouped_mm_swiglu(x, w, offsets, bias, alpha, limit)
-                ms = timed(lambda: nf4_gemm.grouped_mm_swiglu(x, w, offsets, bias, alpha, limit))
-                emit({**base, "variant": "current grouped_mm_swiglu", "ms": ms, "TFLOPs": round(flops / ms / 1e9, 1)})
-                call = lambda name, t=None: forward(name, x, w, offsets, bias, (alpha, limit), tiles=t)  # noqa: E731
-            else:                        # down's forward: grouped_mm with bias
-                ref_y, ref_h = nf4_gemm.grouped_mm(x, w, offsets, bias), None
-                ms = timed(lambda: nf4_gemm.grouped_mm(x, w, offsets, bias))
-                emit({**base, "variant": "current grouped_mm", "ms": ms, "TFLOPs": round(flops / ms / 1e9, 1)})
-                call = lambda name, t=None: forward(name, x, w, offsets, bias, None, tiles=t)  # noqa: E731
-            ref_dx = nf4_gemm.grouped_mm_t(dy, w, offsets)
-            ms = timed(lambda: nf4_gemm.grouped_mm_t(dy, w, offsets))
-            emit({**base, "variant": "current grouped_mm_t", "ms": ms, "TFLOPs": round(flops / ms / 1e9, 1)})
-            big = {**nf4_gemm.TILES, "BM": 256, "num_warps": 8}
-            for name, (_, _, transposed, _) in VARIANTS.items():
-                for tiles in ([None] if transposed else [None, big, {**nf4_gemm.TILES, "num_stages": 4}]):
-                    r = {**base, "variant": name, "tiles": tiles or "default"}
+            swiglu = (alpha, limit) if proj == "gate_up" else None   # training's forwards: gate_up keeps y
+            ref_y, ref_h = nf4_gemm._forward(x, w, offsets, bias, swiglu, True, None)
+            ms = timed(lambda: nf4_gemm._forward(x, w, offsets, bias, swiglu, True, None))
+            emit({**base, "variant": "current", "ms": ms, "TFLOPs": round(flops / ms / 1e9, 1)})
+            for name in VARIANTS:
+                for tiles in TILE_SETS[name]:
+                    r = {**base, "variant": name, "tiles": tiles}
                     try:
-                        if transposed:
-                            fn = lambda: backward(name, dy, w, offsets)  # noqa: E731
-                            dx = fn()
-                            r["differ_from_current"] = int((dx != ref_dx).sum())
-                        else:
-                            fn = lambda: call(name, tiles)  # noqa: E731
-                            y, h = fn()
-                            r["y_differ_from_current"] = int((y != ref_y).sum())
-                            if h is not None:
-                                r["h_differ_from_current"] = int((h != ref_h).sum())
+                        fn = lambda: forward(name, x, w, offsets, bias, swiglu, tiles=tiles)  # noqa: E731
+                        y, h = fn()
+                        r["y_differ_from_current"] = int((y != ref_y).sum())
+                        if h is not None:
+                            r["h_differ_from_current"] = int((h != ref_h).sum())
                         r["ms"] = timed(fn)
                         r["TFLOPs"] = round(flops / r["ms"] / 1e9, 1)
                     except Exception as e:   # a tile that does not fit, say

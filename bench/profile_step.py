@@ -5,6 +5,7 @@ forward/backward peaks (with the failing op's traceback) at a long one.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -37,7 +38,6 @@ PARTS = [
 
 def breakdown(events, wall_ms, kernel_ms, config, seq):
     """GPU kernel time a step by part, against the floors of the NF4 expert products."""
-    import re
     parts = {name: 0.0 for name, _ in PARTS} | {"unmatched": 0.0}
     for e in events:
         if e.device_type != DeviceType.CUDA:
@@ -68,6 +68,7 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--long", type=int, default=0)
     p.add_argument("--embedding-device", default=None)
+    p.add_argument("--kernels", type=int, default=0, help="also list this many kernels, the longest first")
     args = p.parse_args()
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", embedding_device=args.embedding_device)
     _, opt = train_lora(model)
@@ -90,6 +91,11 @@ def main():
     print(json.dumps(breakdown(events, wall * 1e3, cuda_total, model.config, args.seq)))
     print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -e.self_device_time_total)
+    for e in kernels[:args.kernels]:
+        part = next((n for n, pattern in PARTS if re.search(pattern, e.key, re.I)), "unmatched")
+        print(json.dumps({"ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count,
+                          "part": part.split(" (")[0], "kernel": e.key[:160]}))
     if args.long:
         del ids
         torch.cuda.empty_cache()
