@@ -135,6 +135,7 @@ def main():
     p.add_argument("--graphs", action="store_true", help="the step as CUDA graphs (configs that rule them "
                    "out, such as experts in groups, are skipped with the reason)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA targets, as train.py's")
+    p.add_argument("--base", choices=("nf4", "mxfp4"), default="nf4", help="the experts' storage, as train.py's")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -145,7 +146,7 @@ def main():
         seqs = args.seqs if name == "default" else args.variants
         if not seqs:
             continue
-        model, r = load(args.checkpoint, options)
+        model, r = load(args.checkpoint, {**options, "experts": args.base})
         result["loads"].append(r)
         params, opt = train_lora(model, args.targets)
         graphed = None
