@@ -104,13 +104,13 @@ def swiglu(gate_up, alpha: float, limit: float):
     return _SwiGLU.apply(gate_up, alpha, limit)
 
 
-@compilable
 def expert_mlp_backward(gate_up, g, w, alpha: float, limit: float):
     """The expert MLP's backward past down, for out = w * (SwiGLU(gate_up) @ W_down + b) per row.
 
     g = d_out @ W_down^T (unweighted), w the rows' routing weights. Returns the gradient of gate_up
     and each row's <g, h>, h = SwiGLU(gate_up) rebuilt here: the part of the routing weight's
-    gradient <d_out, h @ W_down + b> that comes through W_down.
+    gradient <d_out, h @ W_down + b> that comes through W_down. The fused expert layer runs it as one
+    kernel (nf4_gemm.mlp_backward); this is its definition, which the tests hold the kernel to.
     """
     h = swiglu_reference(gate_up, alpha, limit)
     gh = (g.float() * h.float()).sum(-1)

@@ -27,16 +27,16 @@ def compiled(capability, index):
     return name, tiles, targets.ptxas_usage(kernel_binary, capability)
 
 
-@pytest.mark.parametrize("sizes", [{"K": 2880, "N": 5760, "num_experts": 32},    # gpt-oss-20b gate_up
-                                   {"K": 2880, "N": 2880, "num_experts": 128}])  # gpt-oss-120b down
+@pytest.mark.parametrize("sizes", [{"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "I": 2880},   # 20b gate_up
+                                   {"K": 2880, "N": 2880, "num_experts": 128, "rows": 1000, "I": 2880}])  # 120b down
 def test_the_compiled_signature_is_the_jits_specialisation(sizes):
     """What the targets compile is what the JIT builds at run time from real arguments: Triton's own
     specialisation of each argument (torch tensors from the allocator, gpt-oss's sizes, the floats)."""
     real = {"alpha": 1.702, "limit": 7.0, **sizes}
     dtypes = {"*bf16": torch.bfloat16, "*u8": torch.uint8, "*fp32": torch.float32, "*i32": torch.int32}
     launches = targets.launches((9, 0))
-    n = len(nf4_gemm.FORWARD_VARIANTS) + 1                                  # NF4's launches, then MXFP4's
-    for _, kernel, constexprs, tiles in launches[n - 2:n] + launches[-2:]:  # a forward and the transposed each
+    n = len(nf4_gemm.FORWARD_VARIANTS) + 1                  # NF4's launches, then MXFP4's, then the MLP backward
+    for _, kernel, constexprs, tiles in launches[n - 2:n] + launches[2 * n - 2:]:   # a forward and dx each, the MLP
         block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
         src = targets.source(kernel, {**constexprs, **block}, sizes)
         for i, name in enumerate(kernel.arg_names):
@@ -66,7 +66,7 @@ def test_tiles_hold_whole_blocks_of_64_on_every_generation():
 def test_every_launch_compiles_and_fits_the_generation(capability):
     limit = targets.SHARED_MEMORY[capability]
     launches = targets.launches(capability)
-    assert len(launches) == len(nf4_gemm.FORWARD_VARIANTS) + 1 + len(mxfp4_gemm.FORWARD_VARIANTS) + 1
+    assert len(launches) == len(nf4_gemm.FORWARD_VARIANTS) + 1 + len(mxfp4_gemm.FORWARD_VARIANTS) + 1 + 1
     for index in range(len(launches)):
         name, tiles, usage = compiled(capability, index)
         assert 0 < usage["shared"] <= limit, (name, tiles, usage, limit)

@@ -210,6 +210,24 @@ def test_swiglu_epilogue_equals_the_separate_swiglu(gemm):
     assert none is None and torch.equal(h2, h)
 
 
+def test_mlp_backward_kernel_equals_the_plain_backward(gemm):
+    """The expert MLP's backward in one kernel (dy and <g, h> per row) against moe.expert_mlp_backward,
+    its definition: rows and widths that are not multiples of the kernel's tiles, both clamps binding, and
+    values exactly on the bounds, where the gradient passes or not as the installed torch's clamp does."""
+    from model.moe import expert_mlp_backward
+    torch.manual_seed(4)
+    rows, inter, alpha, limit = 37, 100, 1.702, 7.0
+    y = torch.randn(rows, 2 * inter) * 6
+    y[:5, 0::2], y[5:10, 1::2], y[10:15, 1::2] = limit, limit, -limit    # on the bounds (7.0 is exact)
+    g, w = torch.randn(rows, inter), torch.rand(rows)
+    dy, gh = gemm.mlp_backward(y, g, w, alpha, limit)
+    ref_dy, ref_gh = expert_mlp_backward(y, g, w, alpha, limit)
+    assert (y[:, 0::2] > limit).any() and (y[:, 1::2].abs() > limit).any()
+    torch.testing.assert_close(dy, ref_dy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dy[:15] == 0, ref_dy[:15] == 0)       # the bounds pass the gradient exactly as the reference
+
+
 def poison_past_the_last_offset(gemm, monkeypatch):
     """Make the kernels' unwritten rows (past offsets[-1]) NaN, as uninitialised memory may be; return
     the (rows given, rows computed) of each call."""

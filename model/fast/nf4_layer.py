@@ -14,7 +14,7 @@ import torch
 
 from . import nf4_gemm
 from .recompute import in_recomputation
-from ..moe import expert_mlp_backward, skip_padding, sort_by_expert, sum_per_token, weighted_sum
+from ..moe import skip_padding, sort_by_expert, sum_per_token, weighted_sum
 
 
 def kernels_run(x, fast) -> bool:
@@ -31,11 +31,11 @@ def project(x, w, offsets, bias, expert, gemm=nf4_gemm):
     return y + bias[expert].to(y.dtype)
 
 
-def expert_layer(x, weights, idx, layer, fast, gate_up, down, gemm=nf4_gemm, padding=None):
+def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=None):
     """A layer of frozen experts, weights gate_up and down read by `gemm`'s kernels: x (tokens, hidden)
     in the weights' dtype -> (tokens, hidden). padding (tokens,) bool: tokens given no expert, whose
     output and gradients are zeros (a packed row's padding: no work spent on it)."""
-    return _NF4ExpertLayer.apply(x, weights, idx, layer, fast.compiled, gate_up, down, gemm, padding)
+    return _NF4ExpertLayer.apply(x, weights, idx, layer, gate_up, down, gemm, padding)
 
 
 class _FusedNF4(torch.autograd.Function):
@@ -71,7 +71,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, idx, layer, compiled: bool, gate_up, down, gemm, padding):
+    def forward(ctx, x, weights, idx, layer, gate_up, down, gemm, padding):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
         routed = skip_padding(idx, padding, layer.num_experts)
@@ -81,7 +81,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
                                       layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, offsets, inverse, padding)
-            ctx.layer, ctx.compiled, ctx.matrices, ctx.gemm = layer, compiled, (gate_up, down), gemm
+            ctx.layer, ctx.matrices, ctx.gemm = layer, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
             # saving op is this one, so the output is never used. NaN makes any misuse loud.
@@ -96,15 +96,14 @@ class _NF4ExpertLayer(torch.autograd.Function):
         layer, (n, k), gemm = ctx.layer, idx.shape, ctx.gemm
         gate_up, down = ctx.matrices
         g = gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
-        dy, gh = expert_mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit,
-                                     compiled=ctx.compiled)
+        dy, gh = nf4_gemm.mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
         del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
         dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
         dx = masked(sum_per_token(dxs, inverse, k), padding)
         dw = masked(gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx), padding)
-        return dx, dw.to(weights.dtype), None, None, None, None, None, None, None
+        return dx, dw.to(weights.dtype), None, None, None, None, None, None
 
 
 def masked(t, padding):

@@ -29,8 +29,9 @@ SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_
 # (gate_up) or 2880 (down) out, 32 or 128 experts.
 POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
             "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16",
-            "blocks_ptr": "*u8", "scales_ptr": "*u8", "lut_ptr": "*fp32"}
-GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32}
+            "blocks_ptr": "*u8", "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16",
+            "gh_ptr": "*fp32"}
+GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "I": 2880}
 
 
 def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
@@ -68,7 +69,7 @@ def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: di
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
-    mxfp4_gemm's (named "mxfp4 ...")."""
+    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward (both take it)."""
     out = []
     for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
         tiles, tiles_t = module.tiles_for(capability)
@@ -76,6 +77,8 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
             name = prefix + "y=x@W" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)
             out.append((name, module._grouped_mm_kernel, constexprs, tiles))
         out.append((prefix + "dx=dy@W^T", module._grouped_mm_t_kernel, {}, tiles_t))
+    out.append(("mlp backward", nf4_gemm._mlp_backward_kernel, {"AT_BOUND_PASSES": nf4_gemm.CLAMP_PASSES_AT_BOUND},
+                nf4_gemm.MLP_BACKWARD_TILES))
     return out
 
 
