@@ -3,7 +3,8 @@
 gpt-oss-20b's shapes (32 experts, gate_up 2880 -> 5760, down 2880 -> 2880), rows spread over the experts
 at random (top-4 of `rows / 4` tokens). Per base and projection: the forward (gate_up with the SwiGLU
 epilogue keeping y, as in training; down with its bias) and the input gradient, each in ms per call
-(mean of 20 after a warm-up) and TFLOP/s. --tree times another checkout's kernels with this script, so
+(mean of 20 after a warm-up) and TFLOP/s; then the expert MLP's backward past down (nf4_gemm.mlp_backward,
+or in a tree without it the compiled chain it replaced) in ms and GB/s. --tree times another checkout's kernels with this script, so
 two trees are compared on one GPU in one call:
 
     python3 bench/expert_kernels.py --rows 8192,16384 --tree OLD_CHECKOUT    # then without --tree
@@ -60,6 +61,18 @@ def main():
                     print(json.dumps({"rows": rows, "base": base, "proj": proj, "direction": direction,
                                       "ms": round(ms, 4), "TFLOPs": round(flop / ms / 1e9, 1)}), flush=True)
                 del w, x, dy
+        # the expert MLP's backward past down: one kernel where the tree has it, else the compiled chain
+        y = torch.randn(rows, 2 * INTER, device="cuda", dtype=torch.bfloat16, generator=g) * 4
+        gr = torch.randn(rows, INTER, device="cuda", dtype=torch.bfloat16, generator=g)
+        wr = torch.rand(rows, device="cuda", generator=g).to(torch.bfloat16)
+        if hasattr(nf4_gemm, "mlp_backward"):
+            name, fn = "mlp_backward kernel", lambda: nf4_gemm.mlp_backward(y, gr, wr, ALPHA, LIMIT)
+        else:
+            from model.moe import expert_mlp_backward
+            name, fn = "expert_mlp_backward compiled", lambda: expert_mlp_backward(y, gr, wr, ALPHA, LIMIT, compiled=True)
+        ms = timed(fn)
+        moved = (y.numel() * 2 + gr.numel() + wr.numel()) * 2 + rows * 4     # bytes read and written, once each
+        print(json.dumps({"rows": rows, "part": name, "ms": round(ms, 4), "GBps": round(moved / ms / 1e6)}), flush=True)
 
 
 if __name__ == "__main__":
