@@ -6,7 +6,7 @@ whose body holds the HGMMAs) and counts its instructions by kind, per warp and l
 reports ptxas's registers, spills and any wgmma-serialisation notice (C7515), and where the
 WARPGROUP.DEPBAR waits sit.
 
-    python3 bench/nf4_sass.py [--dump DIR]     # the two training kernels and bench/nf4_variants.py's variants
+    python3 bench/nf4_sass.py [--dump DIR]     # the two training kernels, and the forward at two other tiles
 
 Nothing here is a speed: these are instruction counts of the compiled code.
 """
@@ -195,15 +195,11 @@ def kernels():
     from model.fast import nf4_gemm
     t, tt = nf4_gemm.TILES, nf4_gemm.TILES_T
     swiglu = {"HAS_BIAS": True, "STORE_Y": True, "SWIGLU": True}
-    out = [("fwd current", nf4_gemm._grouped_mm_kernel, swiglu, t, (t["BM"], t["BN"], t["BK"])),
-           ("dx current", nf4_gemm._grouped_mm_t_kernel, {}, tt, (tt["BM"], tt["BK"], tt["BN"]))]
-    try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import nf4_variants
-        out += nf4_variants.static_targets()
-    except ImportError as e:
-        print("no variants:", e, file=sys.stderr)
-    return out
+    big = {**t, "BM": 256, "num_warps": 8}
+    return [("fwd current", nf4_gemm._grouped_mm_kernel, swiglu, t, (t["BM"], t["BN"], t["BK"])),
+            ("dx current", nf4_gemm._grouped_mm_t_kernel, {}, tt, (tt["BM"], tt["BK"], tt["BN"])),
+            ("fwd current BM256 8w", nf4_gemm._grouped_mm_kernel, swiglu, big, (256, 128, 64)),
+            ("fwd current 4 stages", nf4_gemm._grouped_mm_kernel, swiglu, {**t, "num_stages": 4}, (128, 128, 64))]
 
 
 def main():
