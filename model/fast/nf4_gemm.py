@@ -16,9 +16,10 @@ elements 2b (high nibble) and 2b + 1 (low nibble), and a block's scale is its fp
     grouped_mm_t(dy, w, offsets)         dx[r] = dy[r] @ W[e]^T          (the input's gradient)
 
     grouped_mm_swiglu(x, w, offsets, bias, alpha, limit)   y as grouped_mm's, and h = SwiGLU(y)
+    mlp_backward(y, g, w, alpha, limit)  the expert MLP's backward past down: dy and <g, SwiGLU(y)> per row
 
 The expert MLP's SwiGLU rides in gate_up's epilogue: `grouped_mm_swiglu` computes h from the tile it
-holds, so y is not read back for it.
+holds, so y is not read back for it. Its backward reads y and g once, in one kernel (any weight format).
 
 Each result is the same as dequantising and multiplying: the weights come out bit-identical to
 bitsandbytes' dequantisation, only the order of the fp32 sums differs (tests/test_nf4_gemm.py runs
@@ -87,7 +88,7 @@ if triton is not None:
         return a + b
 
     @triton.jit
-    def _mlp_backward_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, gh_ptr, rows, I, alpha, limit,
+    def _mlp_backward_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, gh_ptr, rows, inter, alpha, limit,
                              AT_BOUND_PASSES: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr):
         # moe.expert_mlp_backward for BR rows in one pass over y (gate, up interleaved) and g: dy and <g, h>
         r = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -95,14 +96,14 @@ if triton is not None:
         dtype = dy_ptr.dtype.element_ty
         w = tl.load(w_ptr + r, mask=r_ok, other=0.0).to(dtype).to(tl.float32)   # as w.to(g.dtype)
         gh = tl.full((BR,), 0.0, tl.float32)
-        for i0 in range(0, I, BI):
+        for i0 in range(0, inter, BI):
             i = i0 + tl.arange(0, BI)
-            ok = r_ok[:, None] & (i < I)[None, :]
+            ok = r_ok[:, None] & (i < inter)[None, :]
             both = 2 * i0 + tl.arange(0, 2 * BI)                      # y's columns 2i (gate) and 2i + 1 (up)
-            at_y = r[:, None].to(tl.int64) * (2 * I) + both[None, :]
-            ok_y = r_ok[:, None] & (both < 2 * I)[None, :]
+            at_y = r[:, None].to(tl.int64) * (2 * inter) + both[None, :]
+            ok_y = r_ok[:, None] & (both < 2 * inter)[None, :]
             gate, up = tl.split(tl.reshape(tl.load(y_ptr + at_y, mask=ok_y, other=0.0).to(tl.float32), (BR, BI, 2)))
-            g = tl.load(g_ptr + r[:, None].to(tl.int64) * I + i[None, :], mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + r[:, None].to(tl.int64) * inter + i[None, :], mask=ok, other=0.0).to(tl.float32)
             gc = tl.minimum(gate, limit)
             uc = tl.minimum(tl.maximum(up, -limit), limit)
             s = 1 / (1 + tl.exp(-alpha * gc))

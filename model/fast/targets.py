@@ -31,7 +31,7 @@ POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "packed_ptr": "*u8", "absmax_pt
             "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16",
             "blocks_ptr": "*u8", "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16",
             "gh_ptr": "*fp32"}
-GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "I": 2880}
+GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880}
 
 
 def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
