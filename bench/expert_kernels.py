@@ -1,11 +1,11 @@
 """The expert kernels as training launches them, NF4 and MXFP4, timed per call on the GPU (issue 17's A/B).
 
-gpt-oss-20b's shapes (32 experts, gate_up 2880 -> 5760, down 2880 -> 2880), rows spread over the experts
-at random (top-4 of `rows / 4` tokens). Per base and projection: the forward (gate_up with the SwiGLU
-epilogue keeping y, as in training; down with its bias) and the input gradient, each in ms per call
-(mean of 20 after a warm-up) and TFLOP/s; then the expert MLP's backward past down (nf4_gemm.mlp_backward,
-or in a tree without it the compiled chain it replaced) in ms and GB/s. --tree times another checkout's kernels with this script, so
-two trees are compared on one GPU in one call:
+gpt-oss-20b's shapes (32 experts, gate_up 2880 -> 5760, down 2880 -> 2880), each row given an expert
+uniformly at random (as top-4 routing of rows / 4 tokens is on average). Per base and projection: the
+forward (gate_up with the SwiGLU epilogue keeping y, as in training; down with its bias) and the input
+gradient, each in ms per call (mean of 20 after a warm-up) and TFLOP/s; then the expert MLP's backward
+past down (nf4_gemm.mlp_backward, or in a tree without it the compiled chain it replaced) in ms and GB/s.
+--tree times another checkout's kernels with this script, so two trees are compared on one GPU in one call:
 
     python3 bench/expert_kernels.py --rows 8192,16384 --tree OLD_CHECKOUT    # then without --tree
 """
