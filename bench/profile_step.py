@@ -32,7 +32,7 @@ PARTS = [
      r"gemm|cutlass|xmma|nvjet|sm90|sm80|ampere|hopper|kernel_nf4|dequantize|splitK|cublas"),
     ("loss (chunked cross-entropy)", r"softmax|log_softmax|nll|cross_entropy"),
     ("elementwise and reductions (norms, SwiGLU backward, residuals, casts)",
-     r"triton_|elementwise|vectorized|reduce|copy|fill|Memcpy|Memset|cat|mul|add"),
+     r"triton_|_mlp_backward_kernel|elementwise|vectorized|reduce|copy|fill|Memcpy|Memset|cat|mul|add"),
 ]
 
 
