@@ -12,8 +12,8 @@ Caveat, measured: with the history recorded, two 65,536-token runs (growable seg
 their first backward with "SystemError: run_backward returned NULL without setting an exception" and
 no snapshot; --no-history ran. Record at shorter lengths, or read train.py's own out-of-memory.txt.
 
---headroom overrides memory_plan.HEADROOM (the plan's slack), so a run the plan would refuse can be
-tried under the same cap.
+--headroom X passes train.py's --memory-headroom X (the share of the GPU the plan's estimate may fill),
+so a run the plan would refuse can be tried under the same cap.
 
     QLORA_GPU_MEMORY_GIB=15.58 python bench/memory_snapshot.py --out oom.pickle --headroom 1.0 -- \
         --model $CKPT --data DIR --rank 16 --max-seq-len 65536
@@ -32,7 +32,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import memory_plan  # noqa: E402
 import train  # noqa: E402
 
 MIB, GIB = 2 ** 20, 2 ** 30
@@ -93,7 +92,7 @@ def main():
     args = p.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.headroom is not None:
-        memory_plan.HEADROOM = args.headroom
+        rest = [*rest, "--memory-headroom", str(args.headroom)]
     print(json.dumps({"PYTORCH_CUDA_ALLOC_CONF": os.environ["PYTORCH_CUDA_ALLOC_CONF"]}), flush=True)
     if not args.no_history:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
