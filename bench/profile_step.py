@@ -36,14 +36,18 @@ PARTS = [
 ]
 
 
+def part_of(kernel: str) -> str:
+    """The part of the step a kernel's name belongs to: the first pattern of PARTS that matches it."""
+    return next((name for name, pattern in PARTS if re.search(pattern, kernel, re.I)), "unmatched")
+
+
 def breakdown(events, wall_ms, kernel_ms, config, seq):
     """GPU kernel time a step by part, against the floors of the NF4 expert products."""
     parts = {name: 0.0 for name, _ in PARTS} | {"unmatched": 0.0}
     for e in events:
         if e.device_type != DeviceType.CUDA:
             continue
-        name = next((n for n, pattern in PARTS if re.search(pattern, e.key, re.I)), "unmatched")
-        parts[name] += e.self_device_time_total / 1e3
+        parts[part_of(e.key)] += e.self_device_time_total / 1e3
     # the experts' work: gate_up (h -> 2i) and down (i -> h) over seq x k rows; forward, recomputation
     # (gate_up only) and two transposed products: 5 products a step, as FLOPs at the GPU's bf16 peak
     h, i, k = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
@@ -93,9 +97,8 @@ def main():
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -e.self_device_time_total)
     for e in kernels[:args.kernels]:
-        part = next((n for n, pattern in PARTS if re.search(pattern, e.key, re.I)), "unmatched")
         print(json.dumps({"ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count,
-                          "part": part.split(" (")[0], "kernel": e.key[:160]}))
+                          "part": part_of(e.key).split(" (")[0], "kernel": e.key[:160]}))
     if args.long:
         del ids
         torch.cuda.empty_cache()
