@@ -160,17 +160,6 @@ def bound(c: dict, warps: int, mma_fma: int) -> dict:
             "smem_total_clk": round(smem + fill + wgmma), "tensor_clk": mma_fma // 2048}
 
 
-def ptxas_notes(compiled) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        log = subprocess.run([os.path.join(BIN, "ptxas-blackwell"), "-lineinfo", "-v", "--regAllocOptLevel=2",
-                              "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.o")], capture_output=True,
-                             text=True, check=True).stderr
-    return [line.split("info    : ")[-1] for line in log.splitlines() if "C7515" in line or "C75" in line]
-
-
 def analyse(name, kernel, constexprs, tiles, mma_shape, dump=None) -> dict:
     compiled = targets.compile_for((9, 0), kernel, constexprs, tiles)
     sass = sass_of(compiled)
@@ -185,8 +174,9 @@ def analyse(name, kernel, constexprs, tiles, mma_shape, dump=None) -> dict:
     body = main_loop(parse(sass))
     c = counts(body)
     bm, bn, bk = mma_shape
-    return {"name": name, "tiles": tiles, "usage": targets.ptxas_usage(compiled, (9, 0)),
-            "ptxas_notes": ptxas_notes(compiled), "loop_instructions": len(body), "counts": c,
+    usage = targets.ptxas_usage(compiled, (9, 0))
+    return {"name": name, "tiles": tiles, "usage": usage, "ptxas_notes": usage.pop("notes"),
+            "loop_instructions": len(body), "counts": c,
             "order": waits(body), "bound": bound(c, tiles["num_warps"], bm * bn * bk)}
 
 

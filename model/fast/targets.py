@@ -84,7 +84,8 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
 
 def ptxas_usage(compiled, capability: tuple[int, int]) -> dict:
     """Registers per thread, spill stores/loads (bytes) and stack frame from `ptxas -v` on the kernel's
-    PTX (with the flags Triton passes), and the shared memory Triton allotted."""
+    PTX (with the flags Triton passes), its performance notes (such as C7515, wgmma serialised), and the
+    shared memory Triton allotted."""
     arch = capability[0] * 10 + capability[1]
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = os.path.join(bin_dir, "ptxas" if arch < 90 else "ptxas-blackwell")   # as Triton picks
@@ -101,4 +102,5 @@ def ptxas_usage(compiled, capability: tuple[int, int]) -> dict:
         return int(found.group(1)) if found else 0
     return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
-            "shared": compiled.metadata.shared}
+            "shared": compiled.metadata.shared,
+            "notes": [line.split("info    : ")[-1] for line in log.splitlines() if "C75" in line]}
