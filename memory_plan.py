@@ -46,6 +46,13 @@ BLOCK_BYTES_PER_TOKEN_HIDDEN = 20.5
 EXPERT_BYTES_PER_ROW_INTER = 9.5
 FIXED_ACTIVATION_BYTES = 0.25 * GIB
 OFFLOAD_RESIDENT_BLOCKS = 2   # offloaded: a block's input being recomputed from, and the one fetched ahead
+# A kept block (--kept-blocks: not checkpointed, so not recomputed) holds what its backward reads
+# instead of its input alone: this much more per token and hidden unit, measured on gpt-oss-20b
+# (intermediate = hidden, 4 experts a token), graphed, frozen experts / expert adapters as well
+# (docs/BENCHMARKS.md). Spare memory goes to kept blocks last, after a forward's worth is set aside
+# for an evaluation that runs beside the training graphs.
+KEPT_BLOCK_BYTES_PER_TOKEN_HIDDEN = 34.0
+KEPT_BLOCK_EXPERT_ADAPTERS_BYTES_PER_TOKEN_HIDDEN = 58.0
 # Loading: one layer's experts in bf16 while they are converted; measured 0.54 GiB above the loaded
 # gpt-oss-20b (32 experts), scaled by the size of a layer's gate_up_proj
 LOAD_BYTES_20B = 0.54 * GIB
@@ -168,6 +175,13 @@ class Plan(NamedTuple):
     offload: bool = False
     lm_head_nf4: bool = False
     tile: int = 0     # the experts' tile of tokens (model/fast/tiled_moe.py)
+    kept: int = 0     # blocks not checkpointed (GptOss.kept_blocks)
+
+
+def kept_block_bytes(config, tokens: int, expert_adapters: bool = False) -> float:
+    """What one kept block holds above a checkpointed one's input, for a micro-batch of `tokens`."""
+    per = KEPT_BLOCK_EXPERT_ADAPTERS_BYTES_PER_TOKEN_HIDDEN if expert_adapters else KEPT_BLOCK_BYTES_PER_TOKEN_HIDDEN
+    return per * tokens * config.hidden_size
 
 
 # The formula above is for checkpointed blocks; without checkpointing nothing of it was measured
@@ -184,7 +198,7 @@ def _options(value, preferred):
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
          embedding_on_cpu: bool | None, optim: str, fast=None, offload: bool | None = False,
          lm_head_nf4: bool | None = False, base: str = "nf4", tile: int | None = None,
-         headroom: float = HEADROOM) -> Plan:
+         headroom: float = HEADROOM, kept: int | None = 0, expert_adapters: bool = False) -> Plan:
     """The choices that fit `usable` GiB; ValueError, naming the flags that would fit, if none does.
 
     None / "auto" leave a choice to the plan. Given up only where the run does not fit otherwise, in
@@ -194,11 +208,17 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     logits change a little), and last the blocks' inputs on the GPU (--offload-activations: pinned host
     memory, copies that overlap compute, no graphs). `headroom`: the share of `usable` the estimate may
     fill (--memory-headroom); the rest is the allocator's (the default run on the 16 GB card reserved
-    1.05 GiB above its allocated peak, docs/BENCHMARKS.md).
+    1.05 GiB above its allocated peak, docs/BENCHMARKS.md). `kept`: blocks not checkpointed, counted
+    as fixed like the rest; None: as many as the memory left over holds (speed bought with memory
+    nothing else wants), none where the blocks' inputs are offloaded. `expert_adapters`: LoRA on the
+    experts, whose kept blocks hold more.
     """
     from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * headroom
     tiles = [tile] if tile else [TILE_TOKENS] + [SMALL_TILE] * (tokens_per_micro_batch > TILE_TOKENS)
+    layers = config.num_hidden_layers
+    per_block = kept_block_bytes(config, tokens_per_micro_batch, expert_adapters)
+    fixed = min(kept or 0, layers)
     tried = []
     for off in _options(offload, [False, True]):
         for head in _options(lm_head_nf4, [False, True]):
@@ -209,25 +229,42 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                         # lookup is nothing beside such a step, and offloading needs the allocator room)
                         for on_cpu in _options(embedding_on_cpu, [True] if off else [False, True]):
                             n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base, t)
-                            total = n.total(not on_cpu)
+                            total = n.total(not on_cpu) + fixed * per_block
                             tried.append(total)
                             if total <= fits:
-                                return Plan(on_cpu, opt, g, describe(n, total, usable, opt, on_cpu, off, head, g,
-                                                                     graphs, tokens_per_micro_batch, t), off, head, t)
+                                n_kept = fixed if kept is not None else 0 if off else \
+                                    spare_blocks(fits - total, n, layers * tokens_per_micro_batch * config.hidden_size * 2,
+                                                 layers, per_block)
+                                total += (n_kept - fixed) * per_block
+                                lines = describe(n, total, usable, opt, on_cpu, off, head, g, graphs,
+                                                 tokens_per_micro_batch, t, n_kept, layers, per_block)
+                                return Plan(on_cpu, opt, g, lines, off, head, t, n_kept)
+    kept_note = (f"--kept-blocks {fixed} alone takes {fixed * per_block / GIB:.1f} GiB; with --kept-blocks 0: "
+                 if fixed else "")
     raise ValueError(
         f"this run needs about {min(tried) / GIB:.1f} GiB of GPU memory at the least, and {usable:.2f} GiB is "
         f"usable ({tokens_per_micro_batch} tokens a micro-batch, {trainable:,} trainable parameters). "
-        + would_fit(config, trainable, tokens_per_micro_batch, usable, fast, base, headroom))
+        + kept_note + would_fit(config, trainable, tokens_per_micro_batch, usable, fast, base, headroom))
+
+
+def spare_blocks(spare: float, n: Need, inputs: float, layers: int, per_block: float) -> int:
+    """How many blocks the spare bytes keep, after a forward's worth of activations (n.activations less
+    the checkpointed blocks' `inputs`) is set aside for an evaluation beside the training graphs."""
+    evaluation = n.activations - inputs
+    return max(0, min(layers, int((spare - evaluation) // per_block)))
 
 
 def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offload: bool, head: bool, g: bool,
-             graphs: bool, tokens: int, tile: int) -> list[str]:
+             graphs: bool, tokens: int, tile: int, kept: int = 0, layers: int = 0, per_block: float = 0.0) -> list[str]:
     tiled = f", experts {tile} tokens at a time" if tokens > tile else ""
     line = (f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}"
             f"{', NF4 lm_head' if head else ''}, embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, "
             f"adapter {n.adapter / GIB:.2f}, optimizer {opt} {n.optimizer / GIB:.2f}, activations "
             f"{n.activations / GIB:.2f} for {tokens} tokens a micro-batch{tiled}"
             f"{'' if g or not graphs else '; no CUDA graphs'})")
+    if kept:
+        line += (f"\n  the last {kept} of {layers} blocks keep their activations ({kept * per_block / GIB:.2f} GiB, in "
+                 "the total), not recomputed in the backward (--kept-blocks)")
     if offload:
         line += f"\n  --offload-activations: the blocks' inputs in {n.host / GIB:.2f} GiB of pinned host memory"
     return [line]
@@ -277,6 +314,12 @@ def out_of_memory(error: Exception, output_dir) -> str:
             "or --offload-activations")
 
 
+def expert_adapters(targets: str) -> bool:
+    """Whether --targets (as a string) names expert matrices: they take torch._grouped_mm's path, and
+    their kept blocks hold more."""
+    return any(t in targets for t in ("experts", "gate_up_proj", "down_proj"))
+
+
 def placement(config) -> dict:
     """load_model's options for where the weights live, as the plan settled them."""
     return {"embedding_device": "cpu" if config.embedding_on_cpu else None, "lm_head_nf4": bool(config.lm_head_nf4)}
@@ -295,6 +338,7 @@ def fit(config, model_config, resume=None):
     if not torch.cuda.is_available():
         from model.fast.tiled_moe import TILE_TOKENS
         config.expert_tile = config.expert_tile or TILE_TOKENS
+        config.kept_blocks = config.kept_blocks or 0   # the CPU's memory is not planned: none unless asked
         config.embedding_on_cpu = bool(config.embedding_on_cpu)
         config.offload_activations, config.lm_head_nf4 = bool(config.offload_activations), bool(config.lm_head_nf4)
         config.optim = "adamw" if config.optim == "auto" else config.optim
@@ -307,7 +351,7 @@ def fit(config, model_config, resume=None):
     fast = gate.decide(device, config.kernels)
     # graphs need dropout 0, and torch._grouped_mm where expert adapters run (model/fast/cuda_graph.py)
     graphs = config.cuda_graphs != "off" and config.dropout == 0 and fast.cuda_graphs and (
-        fast.grouped_mm or not any(t in config.targets for t in ("experts", "gate_up_proj", "down_proj")))
+        fast.grouped_mm or not expert_adapters(config.targets))
     if graphs and not config.packing and usable_gib(device) < SMALL_CARD_GIB and config.cuda_graphs == "auto":
         # right-padded micro-batches come in many shapes, a graph each, and every graph keeps its
         # memory: measured, they filled 15.58 GiB by step 16 (docs/BENCHMARKS.md). Packed rows: one shape.
@@ -320,10 +364,12 @@ def fit(config, model_config, resume=None):
     chosen = plan(model_config, trainable, config.max_seq_len * (1 if config.packing else config.micro_batch_size),
                   graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
                   config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile,
-                  config.memory_headroom)
+                  config.memory_headroom, config.kept_blocks if config.gradient_checkpointing else 0,
+                  expert_adapters(config.targets))
     if not config.gradient_checkpointing:
         print(NOT_CHECKPOINTED)
     config.embedding_on_cpu, config.optim, config.expert_tile = chosen.embedding_on_cpu, chosen.optim, chosen.tile
+    config.kept_blocks = chosen.kept
     config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
     if not chosen.graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"

@@ -69,6 +69,9 @@ class TrainConfig:
     seed: int = option(0, "seeds the LoRA initialisation, dropout, data preparation and order (and the "
                        "tiny model's weights)")
     gradient_checkpointing: bool = option(True, "recompute each block in the backward: far less memory")
+    kept_blocks: int | None = option(None, "with checkpointing, the last this many blocks keep their activations "
+                                     "instead of being recomputed in the backward: faster, more memory, the same "
+                                     "gradients; default: as many as the memory plan finds room for", type=int)
     embedding_on_cpu: bool | None = option(None, "keep the embedding on the CPU (saves ~1.1 GB of GPU memory); "
                                            "default: where the memory plan needs it", type=bool)
     offload_activations: bool | None = option(None, "keep the checkpointed blocks' inputs in pinned CPU memory, "
@@ -109,7 +112,7 @@ class TrainConfig:
 FREE_ON_RESUME = {"output_dir", "resume", "max_steps", "max_bad_steps", "eval_every", "eval_batch_size",
                   "eval_base", "threshold", "log_every", "save_every", "keep_last", "gradient_checkpointing",
                   "embedding_on_cpu", "offload_activations", "cuda_graphs", "kernels", "packing",  # packing: the same steps
-                  "expert_tile", "memory_headroom"}
+                  "expert_tile", "memory_headroom", "kept_blocks"}
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one clear message, never as a traceback."""
@@ -164,8 +167,8 @@ def check(config: TrainConfig):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "save_every",
-                 "keep_last"):
-        if getattr(config, name) < 0:
+                 "keep_last", "kept_blocks"):
+        if getattr(config, name) is not None and getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative, not {getattr(config, name)}")
     if not config.lr > 0:
         problems.append(f"--lr must be positive, not {config.lr}")

@@ -136,6 +136,8 @@ def main():
                    "out, such as experts in groups, are skipped with the reason)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA targets, as train.py's")
     p.add_argument("--base", choices=("nf4", "mxfp4"), default="nf4", help="the experts' storage, as train.py's")
+    p.add_argument("--kept-blocks", default="0", help="comma-separated: blocks not checkpointed (as train.py's "
+                   "--kept-blocks), each swept on the same loaded model")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -149,16 +151,19 @@ def main():
         model, r = load(args.checkpoint, {**options, "experts": args.base})
         result["loads"].append(r)
         params, opt = train_lora(model, args.targets)
-        graphed = None
-        if args.graphs:
-            problem = graph_problem(model, gate.decide("cuda"))
-            if problem is not None:
-                print(json.dumps({"config": name, "graphs_skipped": problem}), flush=True)
-                del model, opt
-                continue
-            graphed = GraphedStep(model, params, gate.decide("cuda"))
-        result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, name, graphed)
-        del model, opt, graphed
+        if args.graphs and graph_problem(model, gate.decide("cuda")) is not None:
+            print(json.dumps({"config": name, "graphs_skipped": graph_problem(model, gate.decide("cuda"))}), flush=True)
+            del model, opt
+            continue
+        kept = [int(k) for k in args.kept_blocks.split(",")]
+        for k in kept:
+            model.kept_blocks = k
+            # a graph is captured per kept count: one captured with other blocks checkpointed would replay them so
+            graphed = GraphedStep(model, params, gate.decide("cuda")) if args.graphs else None
+            label = name + (f", kept {k}" if kept != [0] else "")
+            result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, label, graphed)
+            del graphed
+        del model, opt
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured
             json.dump(result, f, indent=1)
     with open(args.out, "w") as f:

@@ -88,6 +88,7 @@ class GptOss(nn.Module):
         self.attention = attention
         self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
         self.offload_activations = False     # with checkpointing: keep those inputs in host memory (fast/offload.py)
+        self.kept_blocks = 0                 # with checkpointing: so many last blocks are not (memory for speed)
         self.fast_paths: gate.FastPaths | None = None
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -145,15 +146,18 @@ class GptOss(nn.Module):
         keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         offload = Offload(x.device) if checkpointing and self.offload_activations else None
-        for block in self.model.layers:
-            if offload is not None:   # the block's input goes to host memory, back for its recomputation
+        # the last kept_blocks blocks keep their activations (as memory_plan fits them): the backward
+        # reaches them first, and not recomputing a block gives the same values, bit for bit
+        recomputed = len(self.model.layers) - min(self.kept_blocks, len(self.model.layers))
+        for i, block in enumerate(self.model.layers):
+            if not checkpointing or i >= recomputed:
+                x = block(x, cos, sin, fast, flex, doc_ids)
+            elif offload is not None:   # the block's input goes to host memory, back for its recomputation
                 x = checkpoint(offload.run, block, offload.keep(x), cos, sin, fast, flex, doc_ids, use_reentrant=False,
                                preserve_rng_state=keep_rng, context_fn=mark_recomputation)
-            elif checkpointing:
+            else:
                 x = checkpoint(block, x, cos, sin, fast, flex, doc_ids, use_reentrant=False,
                                preserve_rng_state=keep_rng, context_fn=mark_recomputation)
-            else:
-                x = block(x, cos, sin, fast, flex, doc_ids)
         if offload is not None:
             offload.forward_done()
         return self.model.norm(x, fast.compiled)

@@ -320,6 +320,27 @@ def test_tiled_experts_equal_the_whole_layer_eager_and_in_a_graph(small_nf4):
         assert rel(a, b) < 1e-3
 
 
+def test_kept_blocks_give_bit_identical_gradients_on_the_gpu(small_nf4):
+    """Blocks outside checkpoint (NF4 expert kernels, flex attention): the recomputation's bits, eager
+    and replayed as a CUDA graph (a graph captured per kept count)."""
+    from model.fast.cuda_graph import GraphedStep
+    model, params = small_nf4
+    ids = torch.randint(0, model.config.vocab_size, (1, 300), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(9))
+    results = []
+    try:
+        for kept in (0, 1, len(model.model.layers)):
+            model.kept_blocks = kept
+            results.append(lora_grads(model, params, ids))
+            results.append(lora_grads(model, params, ids, GraphedStep(model, params, fast())))
+    finally:
+        model.kept_blocks = 0
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0])
+        for a, b in zip(results[0][1], other[1]):
+            assert torch.equal(a, b)
+
+
 def test_offloaded_checkpoints_give_bit_identical_gradients_on_the_gpu(small_nf4):
     """Pinned host copies on a side stream, prefetched in the backward: the same bits as kept on the GPU."""
     model, params = small_nf4

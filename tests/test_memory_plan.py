@@ -2,7 +2,8 @@
 import pytest
 
 from lora.inject import count_trainable
-from memory_plan import EXPERT_BYTES_PER_ROW_INTER, GIB, HEADROOM, NF4_BYTES_PER_WEIGHT, activations, need, plan
+from memory_plan import (EXPERT_BYTES_PER_ROW_INTER, GIB, HEADROOM, NF4_BYTES_PER_WEIGHT, activations,
+                         kept_block_bytes, need, plan)
 from model.fast.tiled_moe import TILE_TOKENS
 from model import GptOssConfig
 from model.fast import gate
@@ -43,6 +44,34 @@ def test_choices_are_given_up_in_order_only_where_needed(gpt_oss_20b):
     # what the user fixed stays fixed, even where it then does not fit
     with pytest.raises(ValueError, match="needs about .* GiB of GPU memory at the least"):
         plan(gpt_oss_20b, EXPERTS_R16, 4096, True, CARD, False, "adamw")
+
+
+def test_spare_memory_keeps_blocks_from_recomputation_after_an_evaluations_worth(gpt_oss_20b):
+    base = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto")          # nothing kept: kept=0
+    # the default run on the 16 GB card: what is left after an evaluation's worth holds no block
+    auto = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", kept=None)
+    assert auto.kept == 0 and auto.lines == base.lines
+    # 2,048 tokens there: some blocks, and the estimate with them still within the headroom
+    short = plan(gpt_oss_20b, ATTENTION_R16, 2048, True, CARD, None, "auto", kept=None)
+    n = need(gpt_oss_20b, ATTENTION_R16, "adamw", 2048, graphs=True)
+    per_block = kept_block_bytes(gpt_oss_20b, 2048)
+    evaluation = n.activations - 24 * 2048 * 2880 * 2
+    total = n.total(True) + short.kept * per_block
+    assert 0 < short.kept < 24 and total + evaluation <= CARD * GIB * HEADROOM < total + evaluation + per_block
+    assert f"the last {short.kept} of 24 blocks keep their activations" in short.lines[0]
+    # an 80 GB card keeps them all, with expert adapters too, which hold more a block
+    assert plan(gpt_oss_20b, ATTENTION_R16, 4096, True, 80, None, "auto", kept=None).kept == 24
+    assert kept_block_bytes(gpt_oss_20b, 4096, expert_adapters=True) > kept_block_bytes(gpt_oss_20b, 4096)
+    assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, 80, None, "auto", kept=None, expert_adapters=True).kept == 24
+    # offloaded inputs mean memory is short: none kept unless asked
+    assert plan(gpt_oss_20b, ATTENTION_R16, 65536, True, 80, None, "auto", offload=True, kept=None).kept == 0
+    # a count the user gave is counted like the rest: on the 16 GB card at 4,096 tokens, 4 blocks move
+    # the embedding to the CPU; all 24 fit no way, and the message says what they take
+    fixed = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", kept=4)
+    assert fixed.kept == 4 and fixed.embedding_on_cpu and "the last 4 of 24" in fixed.lines[0]
+    with pytest.raises(ValueError, match="needs about .* --kept-blocks 24 alone takes 9.0 GiB; with --kept-blocks 0: "
+                                         "It fits with --embedding-on-cpu"):
+        plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", kept=24, offload=None, lm_head_nf4=None)
 
 
 def test_the_plain_path_counts_its_dequantised_experts_and_score_matrix(gpt_oss_20b):
@@ -200,3 +229,13 @@ def test_train_pys_plan_on_a_16_gb_gpu_takes_the_headroom_and_flags_no_checkpoin
     assert memory_plan.NOT_CHECKPOINTED not in capsys.readouterr().out
     memory_plan.fit(with_defaults(TrainConfig(gradient_checkpointing=False)), gpt_oss_20b)
     assert memory_plan.NOT_CHECKPOINTED in capsys.readouterr().out
+    # the kept blocks: the plan's count where none was asked for, none without checkpointing
+    config = with_defaults(TrainConfig(max_seq_len=2048))
+    memory_plan.fit(config, gpt_oss_20b)
+    assert 0 < config.kept_blocks < 24 and "keep their activations" in capsys.readouterr().out
+    config = with_defaults(TrainConfig(max_seq_len=2048, kept_blocks=1))
+    memory_plan.fit(config, gpt_oss_20b)
+    assert config.kept_blocks == 1
+    config = with_defaults(TrainConfig(max_seq_len=2048, gradient_checkpointing=False))
+    memory_plan.fit(config, gpt_oss_20b)
+    assert config.kept_blocks == 0

@@ -81,6 +81,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kept", [1, 2, 99])
+def test_kept_blocks_skip_the_recomputation_and_give_the_same_gradients(tiny_model, monkeypatch, kept):
+    """The last `kept` blocks run outside checkpoint (99: all of them); the gradients keep every bit."""
+    import model.gpt_oss as gpt_oss
+    inject(tiny_model, targets=("q_proj", "v_proj", "experts"), rank=4, alpha=8)
+    for name, p in lora_parameters(tiny_model):    # B != 0: every adapter's gradient flows
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    checkpointed = []
+    wrapped = gpt_oss.checkpoint
+    monkeypatch.setattr(gpt_oss, "checkpoint", lambda block, *a, **k: checkpointed.append(block) or wrapped(block, *a, **k))
+    tiny_model.gradient_checkpointing = True
+    grads = []
+    for n in (0, kept):
+        tiny_model.zero_grad()
+        tiny_model.kept_blocks = n
+        checkpointed.clear()
+        loss = tiny_model.loss(ids, ids)
+        loss.backward()
+        grads.append((loss.detach(), {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}))
+        layers = list(tiny_model.model.layers)
+        assert checkpointed == layers[:max(len(layers) - n, 0)]
+    assert torch.equal(grads[0][0], grads[1][0]) and grads[0][1].keys() == grads[1][1].keys()
+    for name, g in grads[0][1].items():
+        assert g.abs().sum() > 0 and torch.equal(grads[1][1][name], g), name
+
+
 def test_grouped_experts_equal_the_per_expert_loop(tiny_model):
     x = torch.randn(2, 25, tiny_model.config.hidden_size) * 3  # large enough to hit the swiglu clamp
     mlp = tiny_model.model.layers[0].mlp

@@ -59,6 +59,27 @@ def test_offloaded_gradients_are_bit_identical_and_the_inputs_leave(tiny_model, 
         assert g.abs().sum() > 0 and torch.equal(grads[True][1][name], g), name
 
 
+def test_kept_blocks_are_not_offloaded(tiny_model, monkeypatch):
+    """Offloading applies to the checkpointed blocks only; the kept ones hold their own activations."""
+    inject(tiny_model, targets=("q_proj", "experts"), rank=4, alpha=8)
+    randomize(tiny_model)
+    tiny_model.gradient_checkpointing = tiny_model.offload_activations = True
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(6))
+    kept = []
+    keep = offload_module.Offload.keep
+    monkeypatch.setattr(offload_module.Offload, "keep", lambda self, x: kept.append(keep(self, x)) or kept[-1])
+    grads = []
+    for n in (0, 3):
+        kept.clear()
+        tiny_model.kept_blocks = n
+        tiny_model.zero_grad()
+        tiny_model.loss(ids, ids).backward()
+        assert len(kept) == tiny_model.config.num_hidden_layers - n
+        grads.append([p.grad.clone() for _, p in lora_parameters(tiny_model)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_offloading_without_checkpointing_or_gradients_does_nothing(tiny_model, monkeypatch):
     made = []
     monkeypatch.setattr(offload_module.Offload, "__init__", lambda self, device: made.append(device))

@@ -402,6 +402,7 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, contents, expected):
     (["--targets", "q_proj,nonsense"], "LoRA target 'nonsense' matches nothing"),
     (["--cuda-graphs", "maybe"], "--cuda-graphs must be auto, on or off, not 'maybe'"),
     (["--memory-headroom", "1.5"], "--memory-headroom must be in [0.5, 1], not 1.5"),
+    (["--kept-blocks", "-1"], "--kept-blocks must not be negative, not -1"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, capsys, small_task, argv, expected):
     assert train.main(["--model", "tiny", "--data", small_task, "--output-dir", str(tmp_path / "out"), *argv]) == 2
