@@ -210,7 +210,7 @@ TILES = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}    # y
 TILES_T = {"BM": 256, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}   # dx = dy @ W^T (BN: the sum)
 
 
-MLP_BACKWARD_TILES = {"BR": 16, "BI": 64, "num_warps": 4, "num_stages": 3}   # rows, gate/up pairs a step (untuned)
+MLP_BACKWARD_TILES = {"BR": 8, "BI": 128, "num_warps": 8, "num_stages": 1}   # rows, gate/up pairs a step
 
 
 def tiles_for(capability: tuple[int, int]) -> tuple[dict, dict]:
