@@ -73,9 +73,11 @@ def main():
     p.add_argument("--long", type=int, default=0)
     p.add_argument("--embedding-device", default=None)
     p.add_argument("--kernels", type=int, default=0, help="also list this many kernels, the longest first")
+    p.add_argument("--kept-blocks", type=int, default=0, help="blocks not checkpointed, as train.py's --kept-blocks")
     args = p.parse_args()
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", embedding_device=args.embedding_device)
     _, opt = train_lora(model)
+    model.kept_blocks = args.kept_blocks
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     for _ in range(2):
         step(model, opt, ids)
