@@ -60,6 +60,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary(q, cos, sin, compiled=compiled), apply_rotary(k, cos, sin, compiled=compiled)
-        attend = flex_attention_with_sinks if flex else eager_attention
-        out = attend(q, k, v, self.sinks, self.window, doc_ids)  # (b, t, heads, head_dim)
+        if flex:
+            out = flex_attention_with_sinks(q, k, v, self.sinks, self.window, doc_ids, compiled=compiled)
+        else:
+            out = eager_attention(q, k, v, self.sinks, self.window, doc_ids)   # (b, t, heads, head_dim)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))

@@ -73,6 +73,20 @@ def test_compiled_chains_equal_the_plain_chains():
         dy = torch.randn(ya.shape, device="cuda", generator=g, dtype=ya.dtype)
         (ga,), (gb,) = torch.autograd.grad(ya, a, dy), torch.autograd.grad(yb, b, dy)
         assert rel(ya, yb) < 1e-2 and rel(ga, gb) < 1e-2, fn.__name__
+    # the sinks' scaling of flex's output: the gradients of the output and of the log-sum-exp
+    from model.fast.flex import sink_scaled
+    out = torch.randn(2, 300, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    lse = torch.randn(2, 8, 300, device="cuda", generator=g).transpose(1, 2)      # strided, as flex's
+    sinks = torch.randn(8, device="cuda", generator=g, dtype=torch.bfloat16)
+    dy = torch.randn(out.shape, device="cuda", generator=g, dtype=out.dtype)
+    results = []
+    for compiled in (True, False):
+        o, s = out.clone().requires_grad_(), lse.detach().clone().requires_grad_()
+        y = sink_scaled(o, s, sinks, compiled=compiled)
+        results.append((y, *torch.autograd.grad(y, (o, s), dy)))
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-2
+    assert results[0][0].is_contiguous()      # o_proj's reshape copies nothing
 
 
 def quantised_and_dense_experts(group=None, storage=None):

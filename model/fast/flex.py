@@ -10,6 +10,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .compiled import compilable
+
 
 @functools.lru_cache(maxsize=8)
 def _mask_mod(window: int | None):
@@ -125,13 +127,14 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_attention_with_sinks(q, k, v, sinks, window: int | None, doc_ids=None):
+def flex_attention_with_sinks(q, k, v, sinks, window: int | None, doc_ids=None, compiled: bool = False):
     """Same function as `eager_attention`, through flex attention (CUDA); doc_ids as it takes them.
 
     With L the row's log-sum-exp over the keys, adding a sink s gives softmax weights scaled by
-    exp(L) / (exp(L) + exp(s)) = sigmoid(L - s), so the output is the sink-free output times that.
+    exp(L) / (exp(L) + exp(s)) = sigmoid(L - s), so the output is the sink-free output times that
+    (`sink_scaled`, compiled into one kernel each way where `compiled`).
     """
-    b, t, h, d = q.shape
+    b, t = q.shape[:2]
     # Pad the length to a multiple of flex's 128-row blocks: few distinct shapes to compile, and
     # padded keys sit after every real query, so the causal mask already hides them. A length
     # already a multiple (packed rows always are) is not padded: a pad copies q, k and v, 0.6 GiB
@@ -146,7 +149,13 @@ def flex_attention_with_sinks(q, k, v, sinks, window: int | None, doc_ids=None):
         doc_ids = torch.cat([doc_ids, (doc_ids[:, -1:] + 1).expand(b, tp - t)], dim=1)   # (b, tp)
         mask = document_block_mask(doc_ids, window)
     out, lse = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True, return_lse=True)
-    scale = torch.sigmoid(lse - sinks.float().view(1, h, 1))   # (b, h, tp), float32
-    # flex lays its output out as q is, (b, tp, h, d) in memory; the product keeps that order, so
-    # o_proj's reshape copies nothing
-    return (out * scale.unsqueeze(-1).to(out.dtype)).transpose(1, 2)[:, :t]
+    # flex lays its output out as q is, (b, tp, h, d) in memory: taken in that order, the result is
+    # contiguous as o_proj's reshape wants it, and nothing is copied
+    return sink_scaled(out.transpose(1, 2), lse.transpose(1, 2), sinks, compiled=compiled)[:, :t]
+
+
+@compilable
+def sink_scaled(out, lse, sinks):
+    """out (b, t, heads, d) times sigmoid(lse - sink) (lse (b, t, heads) float32, a sink per head)."""
+    scale = torch.sigmoid(lse - sinks.float())          # (b, t, heads), float32
+    return out * scale.unsqueeze(-1).to(out.dtype)
