@@ -32,8 +32,9 @@ def fast():
 
 # --- the fast paths against their plain twins ------------------------------------------------------
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("t, window", [(1000, 128), (1000, None), (4096, 128)])
-def test_flex_attention_equals_eager_attention(t, window):
+def test_flex_attention_equals_eager_attention(t, window, compiled):
     from model.attention import eager_attention
     from model.fast.flex import flex_attention_with_sinks
     if not fast().flex_attention:
@@ -43,7 +44,7 @@ def test_flex_attention_equals_eager_attention(t, window):
     s = torch.randn(64, device="cuda", generator=g)
     inputs = [x.clone().requires_grad_() for x in (q, k, v, s)]
     ref = [x.detach().double().requires_grad_() for x in (q, k, v, s)]
-    out = flex_attention_with_sinks(*inputs, window)
+    out = flex_attention_with_sinks(*inputs, window, compiled=compiled and fast().compiled)
     assert out.is_contiguous() or t % 128   # unpadded, it comes out as o_proj reads it: no copy
     expected = eager_attention(*ref, window)
     dy = torch.randn(out.shape, device="cuda", generator=g)
