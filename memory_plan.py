@@ -210,8 +210,8 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     fill (--memory-headroom); the rest is the allocator's (the default run on the 16 GB card reserved
     1.05 GiB above its allocated peak, docs/BENCHMARKS.md). `kept`: blocks not checkpointed, counted
     as fixed like the rest; None: as many as the memory left over holds (speed bought with memory
-    nothing else wants), none where the blocks' inputs are offloaded. `expert_adapters`: LoRA on the
-    experts, whose kept blocks hold more.
+    nothing else wants), none where the blocks' inputs are offloaded or a plain path runs. `expert_adapters`:
+    LoRA on the experts, whose kept blocks hold more.
     """
     from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * headroom
@@ -219,6 +219,9 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     layers = config.num_hidden_layers
     per_block = kept_block_bytes(config, tokens_per_micro_batch, expert_adapters)
     fixed = min(kept or 0, layers)
+    # the per-block constants were measured on the fast paths; a plain path keeps more (eager attention
+    # its score matrices), so there the plan keeps no block unless asked
+    measured = fast is None or (fast.nf4_kernels and fast.flex_attention and (fast.grouped_mm or not expert_adapters))
     tried = []
     for off in _options(offload, [False, True]):
         for head in _options(lm_head_nf4, [False, True]):
@@ -232,7 +235,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                             total = n.total(not on_cpu) + fixed * per_block
                             tried.append(total)
                             if total <= fits:
-                                n_kept = fixed if kept is not None else 0 if off else \
+                                n_kept = fixed if kept is not None else 0 if off or not measured else \
                                     spare_blocks(fits - total, n, layers * tokens_per_micro_batch * config.hidden_size * 2,
                                                  layers, per_block)
                                 total += (n_kept - fixed) * per_block

@@ -151,8 +151,9 @@ def main():
         model, r = load(args.checkpoint, {**options, "experts": args.base})
         result["loads"].append(r)
         params, opt = train_lora(model, args.targets)
-        if args.graphs and graph_problem(model, gate.decide("cuda")) is not None:
-            print(json.dumps({"config": name, "graphs_skipped": graph_problem(model, gate.decide("cuda"))}), flush=True)
+        problem = graph_problem(model, gate.decide("cuda")) if args.graphs else None
+        if problem is not None:
+            print(json.dumps({"config": name, "graphs_skipped": problem}), flush=True)
             del model, opt
             continue
         kept = [int(k) for k in args.kept_blocks.split(",")]

@@ -63,6 +63,10 @@ def test_spare_memory_keeps_blocks_from_recomputation_after_an_evaluations_worth
     assert plan(gpt_oss_20b, ATTENTION_R16, 4096, True, 80, None, "auto", kept=None).kept == 24
     assert kept_block_bytes(gpt_oss_20b, 4096, expert_adapters=True) > kept_block_bytes(gpt_oss_20b, 4096)
     assert plan(gpt_oss_20b, EXPERTS_R16, 4096, True, 80, None, "auto", kept=None, expert_adapters=True).kept == 24
+    # a plain path keeps more than was measured (eager attention its score matrices): none unless asked
+    plain = FastPaths(nf4_kernels=True, grouped_mm=True, flex_attention=False, compiled=True, cuda_graphs=True)
+    assert plan(gpt_oss_20b, ATTENTION_R16, 2048, True, 80, None, "auto", plain, kept=None).kept == 0
+    assert plan(gpt_oss_20b, ATTENTION_R16, 2048, True, 80, None, "auto", plain, kept=3).kept == 3
     # offloaded inputs mean memory is short: none kept unless asked
     assert plan(gpt_oss_20b, ATTENTION_R16, 65536, True, 80, None, "auto", offload=True, kept=None).kept == 0
     # a count the user gave is counted like the rest: on the 16 GB card at 4,096 tokens, 4 blocks move
