@@ -6,6 +6,10 @@
 # `source bench/gpu_session.sh`:
 #   bash bench/fresh_runs.sh R 3 --epochs 1
 #   bash bench/fresh_runs.sh G 3 --epochs 1 --cuda-graphs off
+#   TORCHINDUCTOR_DETERMINISTIC=1 bash bench/fresh_runs.sh D 4 --max-steps 5
+# (the last: Inductor's deterministic mode, which stops it benchmarking reduction configs in each process,
+# where near-tied winners can flip the bits (pytorch/pytorch#189121); the lead for the per-process
+# difference in the README's Reproducible, not yet tried on a GPU)
 set -o pipefail
 name=$1; n=$2; shift 2
 for i in $(seq 1 "$n"); do
