@@ -57,6 +57,18 @@ def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, cou
                                rtol=1e-5, atol=1e-4)
 
 
+def test_the_kernels_weights_are_bitsandbytes_own_bit_for_bit(gemm):
+    """Identity rows pick out W[e] itself: the weights the kernels multiply by equal bitsandbytes'
+    dequantisation exactly, double-quantised scales and partial tiles included (float32: the
+    interpreter's products)."""
+    torch.manual_seed(6)
+    w = NF4Tensor(torch.randn(2, 64, 192) * 0.02, compute_dtype=torch.float32)
+    assert w.state.nested
+    eye = torch.eye(64).repeat(2, 1)
+    got = gemm.grouped_mm(eye, w, torch.tensor([64, 128], dtype=torch.int32))
+    assert torch.equal(got.view(2, 64, 192), w.dequantize())
+
+
 def test_every_generations_tiles_give_the_same_products(gemm):
     """The tiles tiles_for picks for each GPU generation (here in the interpreter, which takes any)
     compute what dequantise-then-multiply does, partial tiles included (out = 192: 64-wide tiles
