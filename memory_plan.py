@@ -6,7 +6,8 @@ activations of one micro-batch: a formula in the sequence length with named per-
 measured on gpt-oss-20b (below; docs/BENCHMARKS.md), covering the checkpointed blocks' inputs (or,
 offloaded, the few on the GPU), one block's recomputation, and the experts' tile. `plan` turns it
 into choices: the embedding on the CPU, offloaded checkpoints, an NF4 lm_head, bitsandbytes' 8-bit
-AdamW, or a clear stop naming the flags that would fit, instead of running out of memory minutes in.
+AdamW, or a clear stop naming the flags that would fit, instead of running out of memory minutes in;
+and, with memory to spare, blocks kept from recomputation (`kept_block_bytes`).
 
     QLORA_GPU_MEMORY_GIB=15.58 python train.py ...   # behave as on a card with 15.58 GiB usable
 """
@@ -107,6 +108,11 @@ class Need:
         return max(resident + self.adapter + self.optimizer + self.activations, resident + self.loading)
 
 
+def checkpointed_inputs(config, tokens: int) -> float:
+    """Bytes of every block's input, which checkpointing keeps (bf16): the formula's first term."""
+    return config.num_hidden_layers * tokens * config.hidden_size * 2
+
+
 def activations(config, tokens: int, offload: bool = False, tile: int | None = None, lm_head_nf4: bool = False,
                 fast=None) -> tuple[float, float]:
     """(GPU bytes, pinned host bytes) of one micro-batch's activations of `tokens` tokens (the formula
@@ -115,8 +121,8 @@ def activations(config, tokens: int, offload: bool = False, tile: int | None = N
     t, h, i = tokens, config.hidden_size, config.intermediate_size
     k, layers = config.num_experts_per_tok, config.num_hidden_layers
     tile = TILE_TOKENS if tile is None else tile
-    inputs = layers * t * h * 2
-    on_gpu = min(layers, OFFLOAD_RESIDENT_BLOCKS) * t * h * 2 if offload else inputs
+    inputs = checkpointed_inputs(config, t)
+    on_gpu = inputs // layers * min(layers, OFFLOAD_RESIDENT_BLOCKS) if offload else inputs
     block = BLOCK_BYTES_PER_TOKEN_HIDDEN * h * t + EXPERT_BYTES_PER_ROW_INTER * i * k * min(t, tile)
     if lm_head_nf4:   # an NF4 head is dequantised whole for each chunk of the loss, before the blocks' backward
         block = max(block, config.vocab_size * h * 2)
@@ -236,7 +242,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                             tried.append(total)
                             if total <= fits:
                                 n_kept = fixed if kept is not None else 0 if off or not measured else \
-                                    spare_blocks(fits - total, n, layers * tokens_per_micro_batch * config.hidden_size * 2,
+                                    spare_blocks(fits - total, n, checkpointed_inputs(config, tokens_per_micro_batch),
                                                  layers, per_block)
                                 total += (n_kept - fixed) * per_block
                                 lines = describe(n, total, usable, opt, on_cpu, off, head, g, graphs,
