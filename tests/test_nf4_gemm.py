@@ -97,8 +97,10 @@ def test_scales_undo_the_double_quantisation(gemm):
     torch.manual_seed(1)
     w = NF4Tensor(torch.randn(2, 64, 512), compute_dtype=torch.float32)
     codes = torch.stack([w.packed.view(-1) >> 4, w.packed.view(-1) & 15], dim=1).view(-1).long()
-    by_hand = w.state.code[codes] * gemm.scales(w).repeat_interleave(64)
+    d, offset = gemm.scales(w)
+    by_hand = w.state.code[codes] * (d + offset).repeat_interleave(64)
     assert torch.equal(by_hand.view(w.shape), w.dequantize())
+    assert w.state.nested and offset.shape == (1,) and offset.item() != 0      # the offset is the kernels' to add
 
 
 def nf4_and_dense_experts(seed=2, storage=NF4Experts):

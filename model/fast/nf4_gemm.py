@@ -41,12 +41,15 @@ except ImportError:  # the CPU build of torch comes without Triton; the dequanti
 BLOCKSIZE = 64  # bitsandbytes' block along the contiguous dim; the tiles below keep to whole blocks
 
 
-def scales(w) -> torch.Tensor:
-    """The fp32 absmax of each block of 64, undoing the double quantisation as bitsandbytes does."""
+def scales(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, offset): each block of 64's fp32 absmax is d + offset, the double quantisation undone as
+    bitsandbytes does. The kernels add the offset as they load a scale, so the sum over every block
+    of a layer (33 MB for gpt-oss-20b's gate_up) is never written: one fewer pass a launch. offset
+    is a one-element float32 tensor on w's device (zero where the scales are not quantised)."""
     s = w.state
     if not s.nested:
-        return s.absmax.float()
-    return bnbf.dequantize_blockwise(s.absmax, s.state2) + s.offset
+        return s.absmax.float(), torch.zeros(1, device=s.absmax.device)
+    return bnbf.dequantize_blockwise(s.absmax, s.state2), s.offset.float().reshape(1)
 
 
 if triton is not None:
@@ -119,11 +122,13 @@ if triton is not None:
         tl.store(gh_ptr + r, gh, mask=r_ok)
 
     @triton.jit
-    def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dtype, BN: tl.constexpr):
+    def _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, n0, K, N, dtype,
+                      BN: tl.constexpr):
         """W[expert][ks, n0:n0+BN] in `dtype` as two halves: the even columns and the odd ones.
 
-        Each level times its block's scale in fp32, then rounded: bitsandbytes' own arithmetic, so the
-        weights are bit-identical to its dequantisation.
+        Each block's scale is its d + offset, and each level times that scale, in fp32, then rounded:
+        bitsandbytes' own arithmetic (the sum rounded before the product, which no fused multiply-add
+        can merge), so the weights are bit-identical to its dequantisation.
         """
         BK: tl.constexpr = ks.shape[0]
         row = expert.to(tl.int64) * K + ks                            # rows of the (experts * in, out) matrix
@@ -132,7 +137,7 @@ if triton is not None:
         byte = tl.load(packed_ptr + (row * (N // 2) + n0 // 2)[:, None] + j[None, :], mask=ok, other=0)
         b = tl.arange(0, BN // 64)                                    # the tile's blocks of 64, per row
         scale = tl.load(absmax_ptr + (row * (N // 64) + n0 // 64)[:, None] + b[None, :],
-                        mask=k_ok[:, None] & (n0 + 64 * b[None, :] < N), other=0.0)
+                        mask=k_ok[:, None] & (n0 + 64 * b[None, :] < N), other=0.0) + absmax_offset
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BK, BN // 64, 32)), (BK, BN // 2))
         byte = byte.to(tl.int32)
         code = tl.load(code_ptr + tl.arange(0, 16))                   # the 16 NF4 levels
@@ -142,7 +147,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
+    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
                            K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
                            SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile.
@@ -152,6 +157,7 @@ if triton is not None:
             return
         rows = first + tl.arange(0, BM)
         row_ok = rows < end
+        absmax_offset = tl.load(absmax_offset_ptr)
         even = tl.full((BM, BN // 2), 0.0, tl.float32)    # the tile's even and odd columns: the weights'
         odd = tl.full((BM, BN // 2), 0.0, tl.float32)     # two nibbles of a byte, never interleaved per step
         for k0 in range(0, K, BK):
@@ -159,8 +165,8 @@ if triton is not None:
             k_ok = ks < K
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, tile_n * BN, K, N,
-                                   x.dtype, BN)
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, tile_n * BN,
+                                   K, N, x.dtype, BN)
             even = tl.dot(x, hi, even)
             odd = tl.dot(x, lo, odd)
         half = tile_n * (BN // 2) + tl.arange(0, BN // 2)  # y's columns 2 * half (even) and 2 * half + 1 (odd)
@@ -179,7 +185,7 @@ if triton is not None:
             tl.store(h_ptr + rows[:, None].to(tl.int64) * (N // 2) + half[None, :], h.to(dtype), mask=ok)
 
     @triton.jit
-    def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, offsets_ptr, dx_ptr,
+    def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, dx_ptr,
                              K, N: tl.constexpr, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
         # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N.
         # It is computed transposed, dx^T = W[e] dy^T: the dequantised weights are then the product's
@@ -192,12 +198,14 @@ if triton is not None:
         rows = first + tl.arange(0, BM)
         ks = tile_k * BK + tl.arange(0, BK)
         row_ok, k_ok = rows < end, ks < K
+        absmax_offset = tl.load(absmax_offset_ptr)
         acc = tl.full((BK, BM), 0.0, tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + cols[:, None],
                            mask=row_ok[None, :] & (cols < N)[:, None], other=0.0)
-            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, expert, ks, k_ok, n0, K, N, dy_t.dtype, BN)
+            hi, lo = _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, n0, K, N,
+                                   dy_t.dtype, BN)
             w = tl.reshape(tl.join(hi, lo), (BK, BN))                 # hi, lo, hi, lo... as dy's columns
             acc = tl.dot(w, dy_t, acc)
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], tl.trans(acc).to(dx_ptr.dtype.element_ty),
@@ -253,7 +261,7 @@ def _check(x, w, offsets):
 
 def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict):
     """Launch a forward kernel over expert-sorted rows x: this module's on NF4 `operands` (codes, block
-    scales, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape: (experts, in, out)."""
+    scales, their offset, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape: (experts, in, out)."""
     e, k, n = shape
     assert x.shape[1] == k, (x.shape, shape)
     assert {"HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None} in FORWARD_VARIANTS
@@ -291,8 +299,9 @@ def mlp_backward(y, g, w, alpha: float, limit: float):
 
 
 def operands(w, device) -> tuple:
-    """What the kernels read of an NF4Tensor: its packed codes, each block's fp32 scale, the code book."""
-    return w.packed, scales(w), w.state.code.to(device=device, dtype=torch.float32)
+    """What the kernels read of an NF4Tensor: its packed codes, each block's fp32 scale less the
+    offset, the offset, the code book."""
+    return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
 
 
 def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
