@@ -184,10 +184,10 @@ def kernels():
     """(name, kernel, constexprs, tiles, MMA shape per loop iteration (M, N, K)) to analyse."""
     from model.fast import nf4_gemm
     t, tt = nf4_gemm.TILES, nf4_gemm.TILES_T
-    swiglu = {"HAS_BIAS": True, "STORE_Y": True, "SWIGLU": True}
+    swiglu = {"GATHER": True, "HAS_BIAS": True, "STORE_Y": True, "SWIGLU": True}   # the expert layer's gate_up
     big = {**t, "BM": 256, "num_warps": 8}
     return [("fwd current", nf4_gemm._grouped_mm_kernel, swiglu, t, (t["BM"], t["BN"], t["BK"])),
-            ("dx current", nf4_gemm._grouped_mm_t_kernel, {}, tt, (tt["BM"], tt["BK"], tt["BN"])),
+            ("dx current", nf4_gemm._grouped_mm_t_kernel, {"GATHER": False}, tt, (tt["BM"], tt["BK"], tt["BN"])),
             ("fwd current BM256 8w", nf4_gemm._grouped_mm_kernel, swiglu, big, (256, 128, 64)),
             ("fwd current 4 stages", nf4_gemm._grouped_mm_kernel, swiglu, {**t, "num_stages": 4}, (128, 128, 64))]
 

@@ -28,7 +28,7 @@ from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
-from test_nf4_gemm import (check_kernels_keep_forward_and_gradient, check_padding_is_skipped,
+from test_nf4_gemm import (check_kernels_keep_forward_and_gradient, check_padding_is_skipped, check_rows_read_in_place,
                             nf4_and_dense_experts, per_expert, routed_tokens)
 
 
@@ -126,6 +126,10 @@ def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, cou
                                rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gemm.grouped_mm_t(dy, w, offsets), per_expert(dy, dense, counts, transpose=True),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_rows_read_in_place_equal_the_gathered_rows(gemm):
+    check_rows_read_in_place(gemm, random_mxfp4(3, 96, 192), 96, 192, [5, 0, 70])
 
 
 def test_every_generations_tiles_give_the_same_products(gemm):

@@ -57,6 +57,28 @@ def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, cou
                                rtol=1e-5, atol=1e-4)
 
 
+def check_rows_read_in_place(gemm, w, n_in, n_out, counts, seed=0):
+    """The products with src (rows read in place from fewer token rows) are bit for bit those of the
+    gathered copy: forward, with the SwiGLU epilogue, and transposed."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = 7
+    src = torch.randint(0, tokens, (sum(counts),), generator=g, dtype=torch.int32)
+    x, dy = torch.randn(tokens, n_in, generator=g), torch.randn(tokens, n_out, generator=g)
+    bias = torch.randn(len(counts), n_out, generator=g)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    gathered = gemm.grouped_mm_swiglu(x[src.long()], w, offsets, bias, 1.702, 7.0)
+    in_place = gemm.grouped_mm_swiglu(x, w, offsets, bias, 1.702, 7.0, src=src)
+    for a, b in zip(gathered, in_place):
+        assert torch.equal(a, b)
+    assert torch.equal(gemm.grouped_mm_t(dy[src.long()], w, offsets), gemm.grouped_mm_t(dy, w, offsets, src=src))
+
+
+def test_rows_read_in_place_equal_the_gathered_rows(gemm):
+    torch.manual_seed(0)
+    check_rows_read_in_place(gemm, NF4Tensor(torch.randn(3, 96, 192), compute_dtype=torch.float32), 96, 192,
+                             [5, 0, 70])
+
+
 def test_the_kernels_weights_are_bitsandbytes_own_bit_for_bit(gemm):
     """Identity rows pick out W[e] itself: the weights the kernels multiply by equal bitsandbytes'
     dequantisation exactly, double-quantised scales and partial tiles included (float32: the
@@ -250,7 +272,8 @@ def poison_past_the_last_offset(gemm, monkeypatch):
     def poisoned(fn, *args, **kwargs):
         out = fn(*args, **kwargs)
         end = int(args[2][-1])                              # offsets, every function's third argument
-        seen.append((args[0].shape[0], end))
+        src = kwargs.get("src")                             # the sorted rows, read in place from the tokens'
+        seen.append((args[0].shape[0] if src is None else src.shape[0], end))
         for t in out if isinstance(out, tuple) else (out,):
             if t is not None:
                 t[end:] = float("nan")

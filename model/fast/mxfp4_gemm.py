@@ -37,6 +37,7 @@ BLOCK = 32  # inputs sharing one scale; the tiles below keep to whole blocks alo
 if triton is not None:
     _program_tile = nf4_gemm._program_tile   # the same grid: a program's expert and rows from the offsets
     _swiglu = nf4_gemm._swiglu               # the same SwiGLU epilogue
+    _source_rows = nf4_gemm._source_rows     # the same rows read in place (GATHER)
 
     @triton.jit
     def _dequant_tile(blocks_ptr, scales_ptr, lut_ptr, expert, ns, n_ok, k0, K, N, dtype, BK: tl.constexpr):
@@ -59,24 +60,26 @@ if triton is not None:
         return tl.reshape(tl.join(lo.to(dtype), hi.to(dtype)), (BN, BK))   # lo, hi, lo, hi... as the inputs
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
-                           K: tl.constexpr, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr,
+    def _grouped_mm_kernel(x_ptr, src_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
+                           K: tl.constexpr, N, num_experts, alpha, limit, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
                            STORE_Y: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile, as its
         # transpose W[e]^T x^T. SWIGLU: also h = gpt-oss's clamped SwiGLU of y (gate, up: y's even, odd columns)
-        # K, the loop's bound, is a constexpr for the reason nf4_gemm's transposed kernel gives
+        # K, the loop's bound, is a constexpr for the reason nf4_gemm's transposed kernel gives.
+        # GATHER: sorted row r reads x's row src[r]
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
         row_ok = rows < end
+        src = _source_rows(src_ptr, rows, row_ok, GATHER)
         ns = tile_n * BN + tl.arange(0, BN)
         n_ok = ns < N
         acc = tl.full((BN, BM), 0.0, tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
-            x_t = tl.load(x_ptr + rows[None, :].to(tl.int64) * K + ks[:, None],
+            x_t = tl.load(x_ptr + src[None, :] * K + ks[:, None],
                           mask=row_ok[None, :] & (ks < K)[:, None], other=0.0)     # (BK, BM)
             w = _dequant_tile(blocks_ptr, scales_ptr, lut_ptr, expert, ns, n_ok, k0, K, N, x_t.dtype, BK)
             acc = tl.dot(w, x_t, acc)
@@ -95,20 +98,23 @@ if triton is not None:
                      mask=row_ok[:, None] & (half < N // 2)[None, :])
 
     @triton.jit
-    def _grouped_mm_t_kernel(dy_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, dx_ptr,
-                             K, N, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    def _grouped_mm_t_kernel(dy_ptr, src_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, dx_ptr,
+                             K, N, num_experts, GATHER: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                             BN: tl.constexpr):
         # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N.
+        # GATHER: sorted row r reads dy's row src[r]
         expert, first, end, tile_k = _program_tile(offsets_ptr, num_experts, K, BM, BK)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
         ks = tile_k * BK + tl.arange(0, BK)
         row_ok = rows < end
+        src = _source_rows(src_ptr, rows, row_ok, GATHER)
         acc = tl.full((BM, BK), 0.0, tl.float32)
         for n0 in range(0, N, BN):
             ns = n0 + tl.arange(0, BN)
             n_ok = ns < N
-            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * N + ns[None, :],
+            dy = tl.load(dy_ptr + src[:, None] * N + ns[None, :],
                          mask=row_ok[:, None] & n_ok[None, :], other=0.0)
             w = _dequant_tile(blocks_ptr, scales_ptr, lut_ptr, expert, ns, n_ok, tile_k * BK, K, N, dy.dtype, BK)
             acc = tl.dot(dy, w, acc)
@@ -135,6 +141,7 @@ def _tiles(x, transposed: bool) -> dict:
 
 
 FORWARD_VARIANTS = nf4_gemm.FORWARD_VARIANTS   # the constexpr variants launched, as for NF4
+TRANSPOSED_VARIANTS = nf4_gemm.TRANSPOSED_VARIANTS
 
 
 def _check(x, w, offsets):
@@ -145,27 +152,30 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src):
     t = tiles or _tiles(x, transposed=False)
     assert t["BK"] % BLOCK == 0, t
     return nf4_gemm.launch(_grouped_mm_kernel, (w.blocks, w.scales, w.lut), x, offsets, _check(x, w, offsets),
-                           bias, swiglu, store_y, t)
+                           bias, swiglu, store_y, t, src)
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None):
-    """x (rows, in) sorted by expert, w an MXFP4Tensor (experts, in, out) -> x @ W[e] (+ bias[e])."""
-    return _forward(x, w, offsets, bias, None, True, tiles)[0]
+def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None):
+    """x (rows, in) sorted by expert, w an MXFP4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]);
+    src as for nf4_gemm.grouped_mm."""
+    return _forward(x, w, offsets, bias, None, True, tiles, src)[0]
 
 
-def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None):
+def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,
+                      src=None):
     """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
 
-    Returns (y, h), y None unless `keep_y`."""
-    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles)
+    Returns (y, h), y None unless `keep_y`; src as for nf4_gemm.grouped_mm."""
+    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src)
 
 
-def grouped_mm_t(dy, w, offsets, tiles: dict | None = None):
-    """dy (rows, out) sorted by expert, w an MXFP4Tensor (experts, in, out) -> dy @ W[e]^T."""
+def grouped_mm_t(dy, w, offsets, tiles: dict | None = None, src=None):
+    """dy (rows, out) sorted by expert, w an MXFP4Tensor (experts, in, out) -> dy @ W[e]^T (dy[src] with src)."""
     t = tiles or _tiles(dy, transposed=True)
     assert t["BK"] % BLOCK == 0, t
-    return nf4_gemm.launch_t(_grouped_mm_t_kernel, (w.blocks, w.scales, w.lut), dy, offsets, _check(dy, w, offsets), t)
+    return nf4_gemm.launch_t(_grouped_mm_t_kernel, (w.blocks, w.scales, w.lut), dy, offsets, _check(dy, w, offsets), t,
+                             src)

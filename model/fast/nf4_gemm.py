@@ -91,6 +91,15 @@ if triton is not None:
         return a + b
 
     @triton.jit
+    def _source_rows(src_ptr, rows, row_ok, GATHER: tl.constexpr):
+        """The rows of x (or dy) that the sorted rows read, as int64 offsets' multipliers: src[rows] if
+        GATHER (each token's row once per chosen expert, read in place: no gathered copy is written),
+        else the rows themselves."""
+        if GATHER:
+            return tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        return rows.to(tl.int64)
+
+    @triton.jit
     def _mlp_backward_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, gh_ptr, rows, inter, alpha, limit,
                              AT_BOUND_PASSES: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr):
         # moe.expert_mlp_backward for BR rows in one pass over y (gate, up interleaved) and g: dy and <g, h>
@@ -147,24 +156,26 @@ if triton is not None:
 
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
-                           K, N, num_experts, alpha, limit, HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr,
-                           SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _grouped_mm_kernel(x_ptr, src_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr,
+                           y_ptr, h_ptr, K, N, num_experts, alpha, limit, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           STORE_Y: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile.
-        # SWIGLU: also h = gpt-oss's clamped SwiGLU of y, whose gate and up are y's even and odd columns
+        # GATHER: sorted row r reads x's row src[r] (else row r). SWIGLU: also h = gpt-oss's clamped
+        # SwiGLU of y, whose gate and up are y's even and odd columns
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
         rows = first + tl.arange(0, BM)
         row_ok = rows < end
+        src = _source_rows(src_ptr, rows, row_ok, GATHER)
         absmax_offset = tl.load(absmax_offset_ptr)
         even = tl.full((BM, BN // 2), 0.0, tl.float32)    # the tile's even and odd columns: the weights'
         odd = tl.full((BM, BN // 2), 0.0, tl.float32)     # two nibbles of a byte, never interleaved per step
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + src[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             hi, lo = _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, tile_n * BN,
                                    K, N, x.dtype, BN)
             even = tl.dot(x, hi, even)
@@ -185,9 +196,11 @@ if triton is not None:
             tl.store(h_ptr + rows[:, None].to(tl.int64) * (N // 2) + half[None, :], h.to(dtype), mask=ok)
 
     @triton.jit
-    def _grouped_mm_t_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, dx_ptr,
-                             K, N: tl.constexpr, num_experts, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    def _grouped_mm_t_kernel(dy_ptr, src_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, dx_ptr,
+                             K, N: tl.constexpr, num_experts, GATHER: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                             BN: tl.constexpr):
         # dx[rows of e] = dy[rows of e] @ W[e]^T; a program computes a (BM, BK) tile, summing over N.
+        # GATHER: sorted row r reads dy's row src[r] (else row r).
         # It is computed transposed, dx^T = W[e] dy^T: the dequantised weights are then the product's
         # left operand, which Hopper's wgmma reads from registers. N, the loop's bound, is a constexpr
         # (one compilation per width): with a runtime bound the loop may run zero times, and on that
@@ -198,11 +211,12 @@ if triton is not None:
         rows = first + tl.arange(0, BM)
         ks = tile_k * BK + tl.arange(0, BK)
         row_ok, k_ok = rows < end, ks < K
+        src = _source_rows(src_ptr, rows, row_ok, GATHER)
         absmax_offset = tl.load(absmax_offset_ptr)
         acc = tl.full((BK, BM), 0.0, tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
-            dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + cols[:, None],
+            dy_t = tl.load(dy_ptr + src[None, :] * N + cols[:, None],
                            mask=row_ok[None, :] & (cols < N)[:, None], other=0.0)
             hi, lo = _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, n0, K, N,
                                    dy_t.dtype, BN)
@@ -245,10 +259,14 @@ def _tiles(x, transposed: bool) -> dict:
     return tiles_t if transposed else tiles
 
 
-# The constexpr variants of _grouped_mm_kernel that the functions below launch (tests/test_kernel_targets.py
-# compiles each for every GPU generation): grouped_mm, and grouped_mm_swiglu with and without y.
-FORWARD_VARIANTS = [{"HAS_BIAS": bias, "STORE_Y": store_y, "SWIGLU": swiglu}
-                    for bias in (True, False) for store_y, swiglu in ((True, False), (True, True), (False, True))]
+# The constexpr variants of the kernels that the functions below launch (tests/test_kernel_targets.py
+# compiles each for every GPU generation): grouped_mm, and grouped_mm_swiglu with and without y; the
+# expert layer's gate_up (frozen bias, SwiGLU) reads the token rows in place (GATHER), as does down's
+# transposed product.
+FORWARD_VARIANTS = [{"GATHER": False, "HAS_BIAS": bias, "STORE_Y": store_y, "SWIGLU": swiglu}
+                    for bias in (True, False) for store_y, swiglu in ((True, False), (True, True), (False, True))] + \
+                   [{"GATHER": True, "HAS_BIAS": True, "STORE_Y": store_y, "SWIGLU": True} for store_y in (True, False)]
+TRANSPOSED_VARIANTS = [{"GATHER": False}, {"GATHER": True}]
 
 
 def _check(x, w, offsets):
@@ -259,30 +277,43 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict):
-    """Launch a forward kernel over expert-sorted rows x: this module's on NF4 `operands` (codes, block
-    scales, their offset, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape: (experts, in, out)."""
+def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict, src=None):
+    """Launch a forward kernel over expert-sorted rows: this module's on NF4 `operands` (codes, block
+    scales, their offset, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape:
+    (experts, in, out). The rows are x's own, or with `src` (int32, one per sorted row) x[src]."""
     e, k, n = shape
     assert x.shape[1] == k, (x.shape, shape)
-    assert {"HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None} in FORWARD_VARIANTS
-    y = x.new_empty(x.shape[0], n) if store_y else None
-    h = x.new_empty(x.shape[0], n // 2) if swiglu else None
+    rows = _rows(x, src)
+    variant = {"GATHER": src is not None, "HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None}
+    assert variant in FORWARD_VARIANTS, variant
+    y = x.new_empty(rows, n) if store_y else None
+    h = x.new_empty(rows, n // 2) if swiglu else None
     alpha, limit = swiglu or (0.0, 0.0)
-    grid = ((triton.cdiv(x.shape[0], t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
+    grid = ((triton.cdiv(rows, t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     some = y if store_y else h                                 # stands in for the pointers not used
-    kernel[grid](x, *operands, offsets, bias if bias is not None else some, some, h if swiglu else some, k, n, e,
-                 alpha, limit, HAS_BIAS=bias is not None, STORE_Y=store_y, SWIGLU=swiglu is not None, **t)
+    kernel[grid](x, offsets if src is None else src, *operands, offsets, bias if bias is not None else some, some,
+                 h if swiglu else some, k, n, e, alpha, limit, **variant, **t)
     return y, h
 
 
-def launch_t(kernel, operands: tuple, dy, offsets, shape: tuple, t: dict):
-    """Launch a transposed kernel, dy @ W[e]^T over expert-sorted rows (operands as for `launch`)."""
+def launch_t(kernel, operands: tuple, dy, offsets, shape: tuple, t: dict, src=None):
+    """Launch a transposed kernel, dy @ W[e]^T over expert-sorted rows (dy's own, or dy[src]; operands
+    as for `launch`)."""
     e, k, n = shape
     assert dy.shape[1] == n, (dy.shape, shape)
-    dx = dy.new_empty(dy.shape[0], k)
-    grid = ((triton.cdiv(dy.shape[0], t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
-    kernel[grid](dy, *operands, offsets, dx, k, n, e, **t)
+    rows = _rows(dy, src)
+    dx = dy.new_empty(rows, k)
+    grid = ((triton.cdiv(rows, t["BM"]) + e) * triton.cdiv(k, t["BK"]),)
+    kernel[grid](dy, offsets if src is None else src, *operands, offsets, dx, k, n, e, GATHER=src is not None, **t)
     return dx
+
+
+def _rows(x, src) -> int:
+    """How many sorted rows a product has: x's, or one per index in src (int32 rows of x)."""
+    if src is None:
+        return x.shape[0]
+    assert src.dtype == torch.int32 and src.dim() == 1 and src.is_contiguous(), (src.dtype, src.shape)
+    return src.shape[0]
 
 
 def mlp_backward(y, g, w, alpha: float, limit: float):
@@ -304,25 +335,29 @@ def operands(w, device) -> tuple:
     return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
 
 
-def _forward(x, w, offsets, bias, swiglu, store_y, tiles):
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src):
     return launch(_grouped_mm_kernel, operands(w, x.device), x, offsets, _check(x, w, offsets), bias, swiglu,
-                  store_y, tiles or _tiles(x, transposed=False))
+                  store_y, tiles or _tiles(x, transposed=False), src)
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None):
-    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e])."""
-    return _forward(x, w, offsets, bias, None, True, tiles)[0]
+def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None):
+    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]).
+    With src (int32 rows of x, sorted by expert), x[src] is multiplied without being formed."""
+    return _forward(x, w, offsets, bias, None, True, tiles, src)[0]
 
 
-def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None):
+def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,
+                      src=None):
     """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
 
     Returns (y, h), y None unless `keep_y` (the backward needs it; a forward without gradient does not).
+    src as for `grouped_mm`.
     """
-    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles)
+    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src)
 
 
-def grouped_mm_t(dy, w, offsets, tiles: dict | None = None):
-    """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T."""
+def grouped_mm_t(dy, w, offsets, tiles: dict | None = None, src=None):
+    """dy (rows, out) sorted by expert, w an NF4Tensor (experts, in, out) -> dy @ W[e]^T; with src as
+    for `grouped_mm`, dy[src] @ W[e]^T."""
     return launch_t(_grouped_mm_t_kernel, operands(w, dy.device), dy, offsets, _check(dy, w, offsets),
-                    tiles or _tiles(dy, transposed=True))
+                    tiles or _tiles(dy, transposed=True), src)

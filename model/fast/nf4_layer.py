@@ -76,11 +76,12 @@ class _NF4ExpertLayer(torch.autograd.Function):
         k = idx.shape[1]
         routed = skip_padding(idx, padding, layer.num_experts)
         order, _, _, offsets, inverse = sort_by_expert(routed, layer.num_experts)
+        src = (order // k).to(torch.int32)        # each (token, expert) pair's token: the rows the kernels read
         keep = any(ctx.needs_input_grad[:2])
-        y, h = gemm.grouped_mm_swiglu(x[order // k], gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                      layer.alpha, layer.limit, keep_y=keep)   # rows: (token, expert) pairs
+        y, h = gemm.grouped_mm_swiglu(x.contiguous(), gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
+                                      layer.alpha, layer.limit, keep_y=keep, src=src)   # rows: (token, expert) pairs
         if keep:
-            ctx.save_for_backward(y, weights, idx, order, offsets, inverse, padding)
+            ctx.save_for_backward(y, weights, idx, order, src, offsets, inverse, padding)
             ctx.layer, ctx.matrices, ctx.gemm = layer, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
@@ -92,10 +93,10 @@ class _NF4ExpertLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        y, weights, idx, order, offsets, inverse, padding = ctx.saved_tensors
+        y, weights, idx, order, src, offsets, inverse, padding = ctx.saved_tensors
         layer, (n, k), gemm = ctx.layer, idx.shape, ctx.gemm
         gate_up, down = ctx.matrices
-        g = gemm.grouped_mm_t(d_out[order // k], down, offsets)   # d_out @ W_down^T, by row
+        g = gemm.grouped_mm_t(d_out.contiguous(), down, offsets, src=src)   # d_out @ W_down^T, by (token, expert) row
         dy, gh = nf4_gemm.mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
         del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
         dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
