@@ -128,6 +128,10 @@ class GptOss(nn.Module):
         emb = self.model.embed_tokens
         return emb(input_ids.to(emb.weight.device)).to(self.model.norm.weight.device)
 
+    def fast(self, device) -> gate.FastPaths:
+        """The fast paths in use on `device`: those set on the model, else the gate's choice."""
+        return self.fast_paths or gate.decide(device)
+
     def decode(self, x, doc_ids=None, positions=None):
         """Embeddings (batch, seq, hidden) -> final-norm states, through every block.
 
@@ -137,7 +141,7 @@ class GptOss(nn.Module):
         expert layer gives them no expert and they come out of it as zeros (every other part computes
         them as any token).
         """
-        fast = self.fast_paths or gate.decide(x.device)
+        fast = self.fast(x.device)
         flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)
         cos, sin = self.rotary(x.shape[1], x.device, x.dtype)       # (seq, head_dim / 2)
         if positions is not None:  # a gather from the kept table: no table built, so a graph may capture it
@@ -191,7 +195,7 @@ class GptOss(nn.Module):
         a step can normalise over all its micro-batches.
         """
         hidden = self.hidden_states(input_ids, doc_ids, positions)
-        total, count = chunked_cross_entropy(self.lm_head, hidden, labels)
+        total, count = chunked_cross_entropy(self.lm_head, hidden, labels, compiled=self.fast(hidden.device).compiled)
         if reduction == "sum":
             return total, count
         if reduction != "mean":
@@ -204,4 +208,5 @@ class GptOss(nn.Module):
 
     def decoded_loss(self, x, rows, targets, doc_ids=None, positions=None):
         """`loss_rows` from the embeddings x: all on the GPU, no host sync, what a CUDA graph captures."""
-        return cross_entropy_rows(self.lm_head, self.decode(x, doc_ids, positions), rows, targets)
+        return cross_entropy_rows(self.lm_head, self.decode(x, doc_ids, positions), rows, targets,
+                                  compiled=self.fast(x.device).compiled)

@@ -16,12 +16,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .fast.compiled import compilable
+
 IGNORE = -100
 
 
 def _chunk_loss(head, h, targets):
     logits = head(h).float()                                    # (chunk, vocab)
     return F.cross_entropy(logits, targets, reduction="sum")    # targets of -100 add nothing
+
+
+@compilable
+def softmax_minus_target(logits, targets):
+    """One chunk's summed loss (float32) and its logits' gradient, softmax minus one-hot (zero for rows
+    whose target is IGNORE), in the logits' dtype: logits (chunk, vocab), targets (chunk,).
+
+    Plain, the float32 chain runs in place on one (chunk, vocab) copy. Compiled, it is a reduction and
+    one elementwise pass over the bf16 logits: the float32 logits are never written.
+    """
+    logits32 = logits.float()
+    trained = (targets != IGNORE).float()[:, None]
+    t = targets.clamp(min=0)[:, None]
+    picked = logits32.gather(1, t)
+    top = logits32.amax(dim=-1, keepdim=True)
+    probs = logits32.sub_(top).exp_()                           # in place, as all that follows
+    norm = probs.sum(dim=-1, keepdim=True)
+    total = ((norm.log() + top - picked) * trained).sum()      # log-sum-exp minus the target's logit
+    probs.div_(norm).scatter_add_(1, t, -trained).mul_(trained)   # softmax minus one-hot, if trained
+    return total, probs.to(logits.dtype)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -34,29 +56,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int):
+    def forward(ctx, h, weight, targets, chunk_size: int, compiled: bool):
         total = h.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(h)
         for start in range(0, len(h), chunk_size):
             chunk = slice(start, start + chunk_size)
-            logits = (h[chunk] @ weight.T).float()                      # (chunk, vocab): the one big tensor
-            t = targets[chunk]
-            trained = (t != IGNORE).float()[:, None]
-            t = t.clamp(min=0)[:, None]
-            picked = logits.gather(1, t)
-            top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(top).exp_()                             # in place, as all that follows
-            norm = probs.sum(dim=-1, keepdim=True)
-            total += ((norm.log() + top - picked) * trained).sum()     # log-sum-exp minus the target's logit
-            probs.div_(norm).scatter_add_(1, t, -trained).mul_(trained)   # softmax minus one-hot, if trained
-            grad[chunk] = probs.to(weight.dtype) @ weight
+            logits = h[chunk] @ weight.T                                # (chunk, vocab): the one big tensor
+            loss, d_logits = softmax_minus_target(logits, targets[chunk], compiled=compiled)
+            total += loss
+            grad[chunk] = d_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None, None
+        return grad * g.to(grad.dtype), None, None, None, None
 
 
 def target_rows(labels):
@@ -70,17 +85,18 @@ def target_rows(labels):
     return rows, targets[rows]
 
 
-def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256):
+def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256, compiled: bool = False):
     """Summed next-token loss (float32) of hidden (batch, seq, dim) at `rows`, against `targets`.
 
     rows and targets are on hidden's device. `head` maps (rows, dim) to logits (rows, vocab). A chunk
     of 256 rows of 201,088 logits is about 0.2 GB in float32: the frozen-head path holds one at a time
     (and its bf16 product while converting), the checkpointed path's cross-entropy three or four.
+    compiled: the frozen head's softmax runs compiled (`softmax_minus_target`).
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)   # (targets, dim)
     frozen_head = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
     if torch.is_grad_enabled() and h.requires_grad and frozen_head:
-        return _HeadCrossEntropy.apply(h, head.weight, targets, chunk_size)
+        return _HeadCrossEntropy.apply(h, head.weight, targets, chunk_size, compiled)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(rows), chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -93,11 +109,11 @@ def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256):
     return total
 
 
-def chunked_cross_entropy(head, hidden, labels, chunk_size: int = 256):
+def chunked_cross_entropy(head, hidden, labels, chunk_size: int = 256, compiled: bool = False):
     """Summed next-token loss and the number of targets (a tensor on the labels' device).
 
     hidden (batch, seq, dim) are the final-norm states, labels (batch, seq) as `target_rows` takes them.
     """
     rows, targets = target_rows(labels)
-    total = cross_entropy_rows(head, hidden, rows.to(hidden.device), targets.to(hidden.device), chunk_size)
+    total = cross_entropy_rows(head, hidden, rows.to(hidden.device), targets.to(hidden.device), chunk_size, compiled)
     return total, torch.tensor(len(rows), device=labels.device)
