@@ -142,20 +142,17 @@ def skip_padding(idx, padding, num_experts: int):
     return idx if padding is None else idx.masked_fill(padding[:, None], num_experts)
 
 
-@compilable
 def sum_per_token(rows, inverse, k: int):
     """Rows (tokens*k, dim) in sort_by_expert's order -> each token's k rows summed, (tokens, dim).
 
     Gathered back into (token, slot) order and summed over the slots: a fixed order, no atomics.
-    Compiled (`compiled=True`), the gather and the sum are one kernel: no gathered copy is written.
     """
     return rows[inverse].view(-1, k, rows.shape[-1]).sum(1)
 
 
-@compilable
 def weighted_sum(y, weights, inverse, x):
     """Each token's expert outputs weighted by its routing weights and summed: y (tokens*k, hidden) in
-    sort_by_expert's order, weights (tokens, k) -> (tokens, hidden) like x. Compiled, one kernel."""
+    sort_by_expert's order, weights (tokens, k) -> (tokens, hidden) like x."""
     k = weights.shape[1]
     rows = y[inverse].view(-1, k, y.shape[-1])                 # (tokens, k, hidden): (token, slot) order
     return (rows * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)

@@ -31,12 +31,11 @@ def project(x, w, offsets, bias, expert, gemm=nf4_gemm):
     return y + bias[expert].to(y.dtype)
 
 
-def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=None, compiled: bool = False):
+def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=None):
     """A layer of frozen experts, weights gate_up and down read by `gemm`'s kernels: x (tokens, hidden)
     in the weights' dtype -> (tokens, hidden). padding (tokens,) bool: tokens given no expert, whose
-    output and gradients are zeros (a packed row's padding: no work spent on it). compiled: the sums
-    over each token's k rows run compiled (`moe.weighted_sum`, `moe.sum_per_token`)."""
-    return _NF4ExpertLayer.apply(x, weights, idx, layer, gate_up, down, gemm, padding, compiled)
+    output and gradients are zeros (a packed row's padding: no work spent on it)."""
+    return _NF4ExpertLayer.apply(x, weights, idx, layer, gate_up, down, gemm, padding)
 
 
 class _FusedNF4(torch.autograd.Function):
@@ -72,7 +71,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, idx, layer, gate_up, down, gemm, padding, compiled):
+    def forward(ctx, x, weights, idx, layer, gate_up, down, gemm, padding):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
         routed = skip_padding(idx, padding, layer.num_experts)
@@ -83,14 +82,14 @@ class _NF4ExpertLayer(torch.autograd.Function):
                                       layer.alpha, layer.limit, keep_y=keep, src=src)   # rows: (token, expert) pairs
         if keep:
             ctx.save_for_backward(y, weights, idx, order, src, offsets, inverse, padding)
-            ctx.layer, ctx.matrices, ctx.gemm, ctx.compiled = layer, (gate_up, down), gemm, compiled
+            ctx.layer, ctx.matrices, ctx.gemm = layer, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
             # saving op is this one, so the output is never used. NaN makes any misuse loud.
             return torch.full_like(x, float("nan"))
         out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
         del h
-        return masked(weighted_sum(out, weights, inverse, x, compiled=compiled), padding)
+        return masked(weighted_sum(out, weights, inverse, x), padding)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -103,9 +102,9 @@ class _NF4ExpertLayer(torch.autograd.Function):
         dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = masked(sum_per_token(dxs, inverse, k, compiled=ctx.compiled), padding)
+        dx = masked(sum_per_token(dxs, inverse, k), padding)
         dw = masked(gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx), padding)
-        return dx, dw.to(weights.dtype), None, None, None, None, None, None, None
+        return dx, dw.to(weights.dtype), None, None, None, None, None, None
 
 
 def masked(t, padding):

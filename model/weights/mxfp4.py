@@ -158,8 +158,8 @@ class MXFP4Experts(Experts):
         xc = x.to(gate_up.dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down, gemm=mxfp4_gemm, padding=padding,
-                                          compiled=fast.compiled).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down, gemm=mxfp4_gemm,
+                                          padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 

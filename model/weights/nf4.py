@@ -165,8 +165,8 @@ class NF4Experts(Experts):
         xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up[0], down[0], padding=padding,
-                                          compiled=fast.compiled).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up[0], down[0],
+                                          padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 
