@@ -6,7 +6,7 @@ import math
 import torch
 
 from .config import GptOssConfig
-from .fast.compiled import compilable
+from .fast import rotary
 
 
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
@@ -47,13 +47,20 @@ def rotary_cos_sin(config: GptOssConfig, positions: torch.Tensor, dtype: torch.d
     return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
-@compilable
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """Rotate (batch, seq, heads, head_dim): first and second halves of the head form the pairs.
 
     cos and sin are (seq, head_dim/2), or (batch, seq, head_dim/2) for packed rows, whose positions
-    restart at 0 with each document.
+    restart at 0 with each document. `compiled` (the gate's FastPaths.compiled, on CUDA): one Triton
+    kernel each way (model/fast/rotary.py), in float32 rounded once; otherwise `rotary_reference`.
     """
+    if compiled and x.is_cuda:
+        return rotary.apply_rotary(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` op by op, in x's dtype."""
     a, b = x.chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., seq, 1, head_dim/2) broadcasts over heads
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)

@@ -44,6 +44,32 @@ def test_yarn_frequencies_equal_the_reference():
         assert abs(factor - ref_factor) < 1e-12 and abs(factor - 1.3466) < 1e-4
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_rotary_kernel_equals_the_plain_rotary_both_ways(monkeypatch, packed):
+    """model/fast/rotary.py in Triton's interpreter (float32): the rotation, and its gradient through
+    the inverse rotation, equal the plain chain's; 3 heads (a masked power-of-two tile), cos and sin
+    per position or, as packed rows give them, per row and position."""
+    import importlib
+
+    from model.fast import rotary
+    from model.rope import rotary_reference
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = importlib.reload(rotary)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 5, 3, 16, generator=g)
+        cos, sin = (torch.randn(*((2,) if packed else ()), 5, 8, generator=g) for _ in range(2))
+        dy = torch.randn(2, 5, 3, 16, generator=g)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = kernel.apply_rotary(a, cos, sin), rotary_reference(b, cos, sin)
+        (ga,), (gb,) = torch.autograd.grad(ya, a, dy), torch.autograd.grad(yb, b, dy)
+        torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(rotary)
+
+
 def test_logits_equal_transformers(tiny_model):
     hf = hf_twin(tiny_model)
     ids = torch.randint(0, tiny_model.config.vocab_size, (3, 37))  # batch > 1, seq > window of 8
