@@ -67,7 +67,10 @@ def test_compiled_chains_equal_the_plain_chains():
     gu = torch.randn(600, 5760, device="cuda", generator=g, dtype=torch.bfloat16) * 5
     q = torch.randn(2, 300, 8, 64, device="cuda", generator=g, dtype=torch.bfloat16)
     cos, sin = (torch.randn(300, 32, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    for fn, args in ((rms_norm, (x, w, 1e-5)), (swiglu, (gu, 1.702, 7.0)), (apply_rotary, (q, cos, sin))):
+    q64 = torch.randn(2, 300, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)    # 20b's query heads
+    cos2, sin2 = (torch.randn(2, 300, 32, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))  # packed
+    for fn, args in ((rms_norm, (x, w, 1e-5)), (swiglu, (gu, 1.702, 7.0)), (apply_rotary, (q, cos, sin)),
+                     (apply_rotary, (q64, cos2, sin2))):
         a = args[0].clone().requires_grad_()
         b = args[0].clone().requires_grad_()
         ya, yb = fn(a, *args[1:], compiled=True), fn(b, *args[1:], compiled=False)
