@@ -163,16 +163,15 @@ class LoRAExperts(nn.Module):
         return grouped_matmul(h, b, counts, offsets)
 
     def gate_up(self, x, expert, counts, offsets, fast=None):
-        y = self.base_layer.gate_up(x, expert, counts, offsets, fast)
-        if "gate_up_proj" in self.lora_A:
-            y = y + self.low_rank("gate_up_proj", x, counts, offsets).to(y.dtype)
-        return y
+        return self.base_layer.gate_up(x, expert, counts, offsets, fast, add=self.update("gate_up_proj", x, counts, offsets))
 
     def down(self, x, expert, counts, offsets, fast=None):
-        y = self.base_layer.down(x, expert, counts, offsets, fast)
-        if "down_proj" in self.lora_A:
-            y = y + self.low_rank("down_proj", x, counts, offsets).to(y.dtype)
-        return y
+        return self.base_layer.down(x, expert, counts, offsets, fast, add=self.update("down_proj", x, counts, offsets))
+
+    def update(self, name: str, x, counts, offsets):
+        """The low-rank term of matrix `name`, or None where it is not adapted: the base adds it to its
+        product (the NF4 and MXFP4 kernels before rounding, in their epilogue; no pass of its own)."""
+        return self.low_rank(name, x, counts, offsets) if name in self.lora_A else None
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         return Experts.forward(self, x, weights, idx, fast)     # the experts' routing, with our gate_up/down

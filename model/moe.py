@@ -211,16 +211,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(e, i, h))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
 
-    def project(self, name: str, x, expert, counts, offsets, fast=None):
-        """x @ W[e] + bias[e] for matrix `name` (gate_up_proj or down_proj) over expert-sorted rows;
-        the NF4 and MXFP4 storages override this one method."""
-        return grouped_matmul(x, getattr(self, name), counts, offsets) + getattr(self, name + "_bias")[expert]
+    def project(self, name: str, x, expert, counts, offsets, fast=None, add=None):
+        """x @ W[e] + bias[e] (+ add, rows by out) for matrix `name` (gate_up_proj or down_proj) over
+        expert-sorted rows; the NF4 and MXFP4 storages override this one method (their kernels add
+        `add`, expert LoRA's product, before rounding)."""
+        y = grouped_matmul(x, getattr(self, name), counts, offsets) + getattr(self, name + "_bias")[expert]
+        return y if add is None else y + add.to(y.dtype)
 
-    def gate_up(self, x, expert, counts, offsets, fast=None):
-        return self.project("gate_up_proj", x, expert, counts, offsets, fast)
+    def gate_up(self, x, expert, counts, offsets, fast=None, add=None):
+        return self.project("gate_up_proj", x, expert, counts, offsets, fast, add)
 
-    def down(self, x, expert, counts, offsets, fast=None):
-        return self.project("down_proj", x, expert, counts, offsets, fast)
+    def down(self, x, expert, counts, offsets, fast=None, add=None):
+        return self.project("down_proj", x, expert, counts, offsets, fast, add)
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         """x (tokens, hidden), routing weights and indices (tokens, k) -> (tokens, hidden).

@@ -28,8 +28,9 @@ from model.weights.loading import mxfp4_experts
 from model.weights.mxfp4 import FP4_VALUES, MXFP4Experts, MXFP4Tensor, dequantize_mxfp4, quantize_mxfp4
 from model.weights.nf4 import NF4Linear
 from test_loading import write_checkpoint
-from test_nf4_gemm import (check_kernels_keep_forward_and_gradient, check_padding_is_skipped, check_rows_read_in_place,
-                            nf4_and_dense_experts, per_expert, routed_tokens)
+from test_nf4_gemm import (check_expert_lora_on_the_kernels, check_kernels_keep_forward_and_gradient,
+                           check_padding_is_skipped, check_rows_read_in_place,
+                           nf4_and_dense_experts, per_expert, routed_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,12 @@ def test_mxfp4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monk
     x, weights, idx = routed_tokens(config)
     idx[idx == 3] = 4                                              # expert 3 gets no token
     check_kernels_keep_forward_and_gradient(gemm, monkeypatch, mx, dense, x, weights, idx, train_biases)
+
+
+def test_expert_lora_on_the_mxfp4_kernels_equals_it_on_the_dequantised_experts(gemm, monkeypatch):
+    config, mx, dense = nf4_and_dense_experts(seed=8, storage=MXFP4Experts)
+    x, weights, idx = routed_tokens(config, n=40)
+    check_expert_lora_on_the_kernels(gemm, monkeypatch, mx, dense, x, weights, idx)
 
 
 def test_the_plain_twin_equals_the_dense_layer():

@@ -59,7 +59,8 @@ def test_products_equal_dequantise_then_multiply(gemm, experts, n_in, n_out, cou
 
 def check_rows_read_in_place(gemm, w, n_in, n_out, counts, seed=0):
     """The products with src (rows read in place from fewer token rows) are bit for bit those of the
-    gathered copy: forward, with the SwiGLU epilogue, and transposed."""
+    gathered copy: forward, with the SwiGLU epilogue, and transposed; and a term added in the epilogue
+    is the term added after."""
     g = torch.Generator().manual_seed(seed)
     tokens = 7
     src = torch.randint(0, tokens, (sum(counts),), generator=g, dtype=torch.int32)
@@ -71,6 +72,11 @@ def check_rows_read_in_place(gemm, w, n_in, n_out, counts, seed=0):
     for a, b in zip(gathered, in_place):
         assert torch.equal(a, b)
     assert torch.equal(gemm.grouped_mm_t(dy[src.long()], w, offsets), gemm.grouped_mm_t(dy, w, offsets, src=src))
+    # a (rows, out) term added in the epilogue (expert LoRA's product) equals adding it after, in float32
+    rows = x[src.long()]
+    more = torch.randn(len(src), n_out, generator=g)
+    for b in (bias, None):
+        assert torch.equal(gemm.grouped_mm(rows, w, offsets, b, add=more), gemm.grouped_mm(rows, w, offsets, b) + more)
 
 
 def test_rows_read_in_place_equal_the_gathered_rows(gemm):
@@ -195,6 +201,43 @@ def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense,
                                        atol=1e-5)
         else:
             assert getattr(quantised, name).grad is None
+
+
+def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx):
+    """Expert LoRA (both matrices) over 4-bit experts through the kernels, whose epilogue adds the
+    low-rank term (`add`), equals it over the same experts dequantised: output, and the gradients of the
+    input, the routing weights and every adapter matrix."""
+    from lora.layers import LoRAExperts
+    layers = []
+    for base in (quantised, dense):
+        base.requires_grad_(False)
+        torch.manual_seed(9)
+        layer = LoRAExperts(base, rank=4, alpha=8)
+        for p in layer.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)                      # B too, so every matrix has a gradient
+        layers.append(layer)
+    calls = count_calls(gemm, monkeypatch)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    y1, y2 = layers[0](x1, w1, idx, gate.decide("cpu")), layers[1](x2, w2, idx)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert calls == ["grouped_mm"] * 2 + ["grouped_mm_t"] * 2, calls
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
+    grads = [[p.grad for p in layer.parameters() if p.requires_grad] for layer in layers]
+    assert len(grads[0]) == 4
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_lora_on_the_kernels_equals_it_on_the_dequantised_experts(gemm, monkeypatch):
+    config, nf4, dense = nf4_and_dense_experts(seed=8)
+    x, weights, idx = routed_tokens(config, n=40)
+    check_expert_lora_on_the_kernels(gemm, monkeypatch, nf4, dense, x, weights, idx)
 
 
 @pytest.mark.parametrize("early_stop", [True, False])

@@ -60,14 +60,14 @@ if triton is not None:
         return tl.reshape(tl.join(lo.to(dtype), hi.to(dtype)), (BN, BK))   # lo, hi, lo, hi... as the inputs
 
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, src_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, y_ptr, h_ptr,
-                           K: tl.constexpr, N, num_experts, alpha, limit, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           STORE_Y: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr):
+    def _grouped_mm_kernel(x_ptr, src_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, add_ptr, y_ptr,
+                           h_ptr, K: tl.constexpr, N, num_experts, alpha, limit, GATHER: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_Y: tl.constexpr, SWIGLU: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile, as its
         # transpose W[e]^T x^T. SWIGLU: also h = gpt-oss's clamped SwiGLU of y (gate, up: y's even, odd columns)
         # K, the loop's bound, is a constexpr for the reason nf4_gemm's transposed kernel gives.
-        # GATHER: sorted row r reads x's row src[r]
+        # GATHER: sorted row r reads x's row src[r]; HAS_ADD: add[rows] joins y before it is rounded
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
@@ -86,6 +86,9 @@ if triton is not None:
         y = tl.trans(acc)                                                          # (BM, BN)
         if HAS_BIAS:
             y += tl.load(bias_ptr + expert * N + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_ADD:
+            y += tl.load(add_ptr + rows[:, None].to(tl.int64) * N + ns[None, :], mask=row_ok[:, None] & n_ok[None, :],
+                         other=0.0).to(tl.float32)
         if STORE_Y:
             tl.store(y_ptr + rows[:, None].to(tl.int64) * N + ns[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & n_ok[None, :])
@@ -152,17 +155,17 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src):
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src, add=None):
     t = tiles or _tiles(x, transposed=False)
     assert t["BK"] % BLOCK == 0, t
     return nf4_gemm.launch(_grouped_mm_kernel, (w.blocks, w.scales, w.lut), x, offsets, _check(x, w, offsets),
-                           bias, swiglu, store_y, t, src)
+                           bias, swiglu, store_y, t, src, add)
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None):
-    """x (rows, in) sorted by expert, w an MXFP4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]);
-    src as for nf4_gemm.grouped_mm."""
-    return _forward(x, w, offsets, bias, None, True, tiles, src)[0]
+def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None, add=None):
+    """x (rows, in) sorted by expert, w an MXFP4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]) (+ add);
+    src and add as for nf4_gemm.grouped_mm."""
+    return _forward(x, w, offsets, bias, None, True, tiles, src, add)[0]
 
 
 def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,

@@ -157,12 +157,13 @@ if triton is not None:
 
     @triton.jit
     def _grouped_mm_kernel(x_ptr, src_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr,
-                           y_ptr, h_ptr, K, N, num_experts, alpha, limit, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           STORE_Y: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr):
-        # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]); a program computes a (BM, BN) tile.
-        # GATHER: sorted row r reads x's row src[r] (else row r). SWIGLU: also h = gpt-oss's clamped
-        # SwiGLU of y, whose gate and up are y's even and odd columns
+                           add_ptr, y_ptr, h_ptr, K, N, num_experts, alpha, limit, GATHER: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_Y: tl.constexpr, SWIGLU: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[rows of e] = x[rows of e] @ W[e] (+ bias[e]) (+ add[rows]); a program computes a (BM, BN) tile.
+        # GATHER: sorted row r reads x's row src[r] (else row r). HAS_ADD: a (rows, N) term added before
+        # rounding (expert LoRA's product). SWIGLU: also h = gpt-oss's clamped SwiGLU of y, whose gate and
+        # up are y's even and odd columns
         expert, first, end, tile_n = _program_tile(offsets_ptr, num_experts, N, BM, BN)
         if expert < 0:
             return
@@ -185,6 +186,13 @@ if triton is not None:
         if HAS_BIAS:
             even += tl.load(bias_ptr + expert * N + 2 * half, mask=half < N // 2, other=0.0).to(tl.float32)[None, :]
             odd += tl.load(bias_ptr + expert * N + 2 * half + 1, mask=half < N // 2, other=0.0).to(tl.float32)[None, :]
+        if HAS_ADD:  # read as stored (gate, up interleaved), then split as the tile holds it
+            cols = tile_n * BN + tl.arange(0, BN)
+            more = tl.load(add_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                           mask=row_ok[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
+            more_even, more_odd = tl.split(tl.reshape(more, (BM, BN // 2, 2)))
+            even += more_even
+            odd += more_odd
         if STORE_Y:
             cols = tile_n * BN + tl.arange(0, BN)
             tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
@@ -262,10 +270,13 @@ def _tiles(x, transposed: bool) -> dict:
 # The constexpr variants of the kernels that the functions below launch (tests/test_kernel_targets.py
 # compiles each for every GPU generation): grouped_mm, and grouped_mm_swiglu with and without y; the
 # expert layer's gate_up (frozen bias, SwiGLU) reads the token rows in place (GATHER), as does down's
-# transposed product.
-FORWARD_VARIANTS = [{"GATHER": False, "HAS_BIAS": bias, "STORE_Y": store_y, "SWIGLU": swiglu}
+# transposed product; expert LoRA's projections add their low-rank term in the epilogue (HAS_ADD).
+FORWARD_VARIANTS = [{"GATHER": False, "HAS_BIAS": bias, "HAS_ADD": False, "STORE_Y": store_y, "SWIGLU": swiglu}
                     for bias in (True, False) for store_y, swiglu in ((True, False), (True, True), (False, True))] + \
-                   [{"GATHER": True, "HAS_BIAS": True, "STORE_Y": store_y, "SWIGLU": True} for store_y in (True, False)]
+                   [{"GATHER": True, "HAS_BIAS": True, "HAS_ADD": False, "STORE_Y": store_y, "SWIGLU": True}
+                    for store_y in (True, False)] + \
+                   [{"GATHER": False, "HAS_BIAS": bias, "HAS_ADD": True, "STORE_Y": True, "SWIGLU": False}
+                    for bias in (True, False)]
 TRANSPOSED_VARIANTS = [{"GATHER": False}, {"GATHER": True}]
 
 
@@ -277,22 +288,26 @@ def _check(x, w, offsets):
     return e, k, n
 
 
-def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict, src=None):
+def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, store_y: bool, t: dict, src=None,
+           add=None):
     """Launch a forward kernel over expert-sorted rows: this module's on NF4 `operands` (codes, block
     scales, their offset, code book), or mxfp4_gemm's on MXFP4's (codes, scales, value table). shape:
-    (experts, in, out). The rows are x's own, or with `src` (int32, one per sorted row) x[src]."""
+    (experts, in, out). The rows are x's own, or with `src` (int32, one per sorted row) x[src]. add:
+    a (rows, out) term in x's dtype added to y before it is rounded."""
     e, k, n = shape
     assert x.shape[1] == k, (x.shape, shape)
     rows = _rows(x, src)
-    variant = {"GATHER": src is not None, "HAS_BIAS": bias is not None, "STORE_Y": store_y, "SWIGLU": swiglu is not None}
+    variant = {"GATHER": src is not None, "HAS_BIAS": bias is not None, "HAS_ADD": add is not None,
+               "STORE_Y": store_y, "SWIGLU": swiglu is not None}
     assert variant in FORWARD_VARIANTS, variant
+    assert add is None or (add.shape == (rows, n) and add.dtype == x.dtype and add.is_contiguous()), add
     y = x.new_empty(rows, n) if store_y else None
     h = x.new_empty(rows, n // 2) if swiglu else None
     alpha, limit = swiglu or (0.0, 0.0)
     grid = ((triton.cdiv(rows, t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     some = y if store_y else h                                 # stands in for the pointers not used
-    kernel[grid](x, offsets if src is None else src, *operands, offsets, bias if bias is not None else some, some,
-                 h if swiglu else some, k, n, e, alpha, limit, **variant, **t)
+    kernel[grid](x, offsets if src is None else src, *operands, offsets, bias if bias is not None else some,
+                 add if add is not None else some, some, h if swiglu else some, k, n, e, alpha, limit, **variant, **t)
     return y, h
 
 
@@ -335,15 +350,16 @@ def operands(w, device) -> tuple:
     return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
 
 
-def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src):
+def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src, add=None):
     return launch(_grouped_mm_kernel, operands(w, x.device), x, offsets, _check(x, w, offsets), bias, swiglu,
-                  store_y, tiles or _tiles(x, transposed=False), src)
+                  store_y, tiles or _tiles(x, transposed=False), src, add)
 
 
-def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None):
-    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]).
-    With src (int32 rows of x, sorted by expert), x[src] is multiplied without being formed."""
-    return _forward(x, w, offsets, bias, None, True, tiles, src)[0]
+def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None, add=None):
+    """x (rows, in) sorted by expert, w an NF4Tensor (experts, in, out) -> x @ W[e] (+ bias[e]) (+ add).
+    With src (int32 rows of x, sorted by expert), x[src] is multiplied without being formed; add
+    (rows, out), in x's dtype, is added before the result is rounded."""
+    return _forward(x, w, offsets, bias, None, True, tiles, src, add)[0]
 
 
 def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,

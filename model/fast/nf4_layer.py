@@ -23,11 +23,13 @@ def kernels_run(x, fast) -> bool:
     return fast is not None and fast.nf4_kernels and (x.dtype == torch.bfloat16 or not x.is_cuda)
 
 
-def project(x, w, offsets, bias, expert, gemm=nf4_gemm):
-    """x @ W[e] + bias[e] over expert-sorted rows; the kernel adds a frozen bias, a trained one is added here."""
+def project(x, w, offsets, bias, expert, gemm=nf4_gemm, add=None):
+    """x @ W[e] + bias[e] (+ add) over expert-sorted rows; the kernel adds a frozen bias, a trained one
+    is added here. add (rows, out): a term the kernel adds before rounding (expert LoRA's product)."""
+    add = None if add is None else add.to(x.dtype).contiguous()
     if not bias.requires_grad:
-        return _FusedNF4.apply(x.contiguous(), w, offsets, bias.to(x.dtype), gemm)
-    y = _FusedNF4.apply(x.contiguous(), w, offsets, None, gemm)
+        return _FusedNF4.apply(x.contiguous(), w, offsets, bias.to(x.dtype), gemm, add)
+    y = _FusedNF4.apply(x.contiguous(), w, offsets, None, gemm, add)
     return y + bias[expert].to(y.dtype)
 
 
@@ -39,18 +41,20 @@ def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=N
 
 
 class _FusedNF4(torch.autograd.Function):
-    """x @ W[e] (+ bias[e], frozen) with the dequantisation inside the product (nf4_gemm.py), both ways."""
+    """x @ W[e] (+ bias[e], frozen) (+ add) with the dequantisation inside the product (nf4_gemm.py),
+    both ways; add's gradient is the output's."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, bias, gemm):
+    def forward(ctx, x, w, offsets, bias, gemm, add):
         ctx.w, ctx.gemm = w, gemm
         ctx.save_for_backward(offsets)
-        return gemm.grouped_mm(x, w, offsets, bias)
+        return gemm.grouped_mm(x, w, offsets, bias, add=add)
 
     @staticmethod
     def backward(ctx, dy):
         (offsets,) = ctx.saved_tensors
-        return ctx.gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None, None
+        d_add = dy if ctx.needs_input_grad[5] else None
+        return ctx.gemm.grouped_mm_t(dy.contiguous(), ctx.w, offsets), None, None, None, None, d_add
 
 
 class _NF4ExpertLayer(torch.autograd.Function):

@@ -29,9 +29,9 @@ SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_
 # sizes: K = 2880 in, N = 5760 (gate_up) or 2880 (down) out, 32 or 128 experts; the MLP backward's
 # rows (8,192: 2,048 tokens, top-4) and intermediate width.
 POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "src_ptr": "*i32", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
-            "absmax_offset_ptr": "*fp32", "code_ptr": "*fp32", "offsets_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16",
-            "blocks_ptr": "*u8", "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16",
-            "gh_ptr": "*fp32"}
+            "absmax_offset_ptr": "*fp32", "code_ptr": "*fp32", "offsets_ptr": "*i32", "bias_ptr": "*bf16",
+            "add_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16", "blocks_ptr": "*u8",
+            "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16", "gh_ptr": "*fp32"}
 GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880}
 
 

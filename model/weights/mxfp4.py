@@ -144,13 +144,13 @@ class MXFP4Experts(Experts):
     def dequantized(self, name: str) -> torch.Tensor:
         return self.mxfp4[name].dequantize()
 
-    def project(self, name, x, expert, counts, offsets, fast=None):
+    def project(self, name, x, expert, counts, offsets, fast=None, add=None):
         w = self.mxfp4[name]
         x, bias = x.to(w.dtype), getattr(self, name + "_bias")
         if nf4_layer.kernels_run(x, fast):  # one kernel each way, straight from the codes
-            return nf4_layer.project(x, w, offsets, bias, expert, gemm=mxfp4_gemm)
-        y = _GroupedMXFP4.apply(x, w, counts, offsets)
-        return y + bias[expert].to(y.dtype)
+            return nf4_layer.project(x, w, offsets, bias, expert, gemm=mxfp4_gemm, add=add)
+        y = _GroupedMXFP4.apply(x, w, counts, offsets) + bias[expert].to(x.dtype)
+        return y if add is None else y + add.to(y.dtype)
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""

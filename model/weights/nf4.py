@@ -151,13 +151,13 @@ class NF4Experts(Experts):
     def dequantized(self, name: str) -> torch.Tensor:
         return torch.cat([w.dequantize() for w in self.nf4[name]])
 
-    def project(self, name, x, expert, counts, offsets, fast=None):
+    def project(self, name, x, expert, counts, offsets, fast=None, add=None):
         ws = self.nf4[name]
         x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
         if len(ws) == 1 and nf4_layer.kernels_run(x, fast):  # one kernel each way, no bf16 copy of the weights
-            return nf4_layer.project(x, ws[0], offsets, bias, expert)
-        y = _GroupedNF4.apply(x, ws, counts, offsets, fast)
-        return y + bias[expert].to(y.dtype)
+            return nf4_layer.project(x, ws[0], offsets, bias, expert, add=add)
+        y = _GroupedNF4.apply(x, ws, counts, offsets, fast) + bias[expert].to(x.dtype)
+        return y if add is None else y + add.to(y.dtype)
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
