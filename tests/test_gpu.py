@@ -153,6 +153,20 @@ def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
     check_against_dense(*quantised_and_dense_experts(group))
 
 
+def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts():
+    """Expert LoRA over the NF4 kernels (the low-rank term added in their epilogue) against the same
+    adapter over the dense twin run plainly: output and input/routing gradients (check_against_dense)."""
+    from lora.layers import LoRAExperts
+    layers = []
+    for base in quantised_and_dense_experts():
+        torch.manual_seed(7)
+        layer = LoRAExperts(base.requires_grad_(False), rank=16, alpha=16)
+        torch.nn.init.normal_(layer.lora_B["gate_up_proj"], std=0.02)
+        torch.nn.init.normal_(layer.lora_B["down_proj"], std=0.02)
+        layers.append(layer)
+    check_against_dense(*layers)
+
+
 def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu():
     """A packed row's padding in the fused NF4 layer, where the rows the kernels leave unwritten hold
     whatever the allocator had: the real tokens' output and gradients are those of the layer run on
