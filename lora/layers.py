@@ -163,7 +163,8 @@ class LoRAExperts(nn.Module):
         return grouped_matmul(h, b, counts, offsets)
 
     def gate_up(self, x, expert, counts, offsets, fast=None):
-        return self.base_layer.gate_up(x, expert, counts, offsets, fast, add=self.update("gate_up_proj", x, counts, offsets))
+        update = self.update("gate_up_proj", x, counts, offsets)
+        return self.base_layer.gate_up(x, expert, counts, offsets, fast, add=update)
 
     def down(self, x, expert, counts, offsets, fast=None):
         return self.base_layer.down(x, expert, counts, offsets, fast, add=self.update("down_proj", x, counts, offsets))

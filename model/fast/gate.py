@@ -10,7 +10,8 @@ as an argument; `describe` gives the lines train.py prints at start.
                    `describe(base)` names the kernels of the run's base)
     grouped_mm     torch._grouped_mm over expert-sorted rows     | a loop over experts (host counts)
     attention      flex attention (model/fast/flex.py)           | eager attention (score matrix)
-    compiled       torch.compile'd elementwise chains            | the same chains, op by op
+    compiled       torch.compile'd elementwise chains, and the   | the same chains, op by op
+                   rotary embedding's Triton kernel (rotary.py)
     cuda_graphs    each micro-batch replayed as a CUDA graph     | eager launches
 """
 from __future__ import annotations

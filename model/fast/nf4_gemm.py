@@ -18,8 +18,11 @@ elements 2b (high nibble) and 2b + 1 (low nibble), and a block's scale is its fp
     grouped_mm_swiglu(x, w, offsets, bias, alpha, limit)   y as grouped_mm's, and h = SwiGLU(y)
     mlp_backward(y, g, w, alpha, limit)  the expert MLP's backward past down: dy and <g, SwiGLU(y)> per row
 
-The expert MLP's SwiGLU rides in gate_up's epilogue: `grouped_mm_swiglu` computes h from the tile it
-holds, so y is not read back for it. Its backward reads y and g once, in one kernel (any weight format).
+The forward and transposed products may read their rows in place (`src`: each sorted row's row of x,
+so the expert layer never copies x[order // k]), and the forward may add a (rows, out) term before
+rounding (`add`: expert LoRA's low-rank product). The expert MLP's SwiGLU rides in gate_up's epilogue:
+`grouped_mm_swiglu` computes h from the tile it holds, so y is not read back for it. Its backward reads
+y and g once, in one kernel (any weight format).
 
 Each result is the same as dequantising and multiplying: the weights come out bit-identical to
 bitsandbytes' dequantisation, only the order of the fp32 sums differs (tests/test_nf4_gemm.py runs
@@ -92,8 +95,8 @@ if triton is not None:
 
     @triton.jit
     def _source_rows(src_ptr, rows, row_ok, GATHER: tl.constexpr):
-        """The rows of x (or dy) that the sorted rows read, as int64 offsets' multipliers: src[rows] if
-        GATHER (each token's row once per chosen expert, read in place: no gathered copy is written),
+        """The rows of x (or dy) that the sorted rows read, in int64 (they scale a row's length): src[rows]
+        if GATHER (each token's row once per chosen expert, read in place: no gathered copy is written),
         else the rows themselves."""
         if GATHER:
             return tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)

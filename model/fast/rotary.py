@@ -2,10 +2,11 @@
 
 `model.rope.apply_rotary` rotates each head's two halves by the position's angle. Compiled by
 torch.compile (with dynamic shapes) its forward ran at ~1.2 TB/s on q, a quarter of the H200's
-bandwidth (docs/BENCHMARKS.md, eighteenth session's profile). Here a program takes one token: it reads
-the token's cos and sin once and rotates every head in registers. The backward is the same kernel
-with sin negated: out = (a c - b s, b c + a s) has the transposed Jacobian (dy_a c + dy_b s,
-dy_b c - dy_a s). The arithmetic is float32, rounded once to x's dtype, as the compiled chain's.
+bandwidth (docs/BENCHMARKS.md, round 2, seventh session: call 2's profile). Here a program takes one
+token: it reads the token's cos and sin once and rotates every head in registers. The backward is the
+same kernel with sin negated: out = (a c - b s, b c + a s) has the transposed Jacobian
+(dy_a c + dy_b s, dy_b c - dy_a s). The arithmetic is float32, rounded once to x's dtype, as the
+compiled chain's.
 """
 from __future__ import annotations
 
