@@ -63,6 +63,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, len(h), chunk_size):
             chunk = slice(start, start + chunk_size)
             logits = h[chunk] @ weight.T                                # (chunk, vocab): the one big tensor
+            if not compiled:    # the float32 copy replaces the product, so the plain chain holds one of them
+                logits = logits.float()
             loss, d_logits = softmax_minus_target(logits, targets[chunk], compiled=compiled)
             total += loss
             grad[chunk] = d_logits.to(weight.dtype) @ weight
@@ -92,7 +94,8 @@ def cross_entropy_rows(head, hidden, rows, targets, chunk_size: int = 256, compi
     rows and targets are on hidden's device. `head` maps (rows, dim) to logits (rows, vocab). A chunk
     of 256 rows of 201,088 logits is about 0.2 GB in float32: the frozen-head path holds one at a time
     (and its bf16 product while converting), the checkpointed path's cross-entropy three or four.
-    compiled: the frozen head's softmax runs compiled (`softmax_minus_target`).
+    compiled: the frozen head's softmax runs compiled (`softmax_minus_target`), on the bf16 logits, which
+    are then held with their bf16 gradient and never copied to float32.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, rows)   # (targets, dim)
     frozen_head = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
