@@ -309,7 +309,8 @@ def launch(kernel, operands: tuple, x, offsets, shape: tuple, bias, swiglu, stor
     alpha, limit = swiglu or (0.0, 0.0)
     grid = ((triton.cdiv(rows, t["BM"]) + e) * triton.cdiv(n, t["BN"]),)
     some = y if store_y else h                                 # stands in for the pointers not used
-    kernel[grid](x, offsets if src is None else src,           # (offsets, int32 too, stands in for src) *operands, offsets, bias if bias is not None else some,
+    src_or = offsets if src is None else src                  # (offsets, int32 too, stands in for src)
+    kernel[grid](x, src_or, *operands, offsets, bias if bias is not None else some,
                  add if add is not None else some, some, h if swiglu else some, k, n, e, alpha, limit, **variant, **t)
     return y, h
 
