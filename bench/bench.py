@@ -138,6 +138,8 @@ def main():
     p.add_argument("--base", choices=("nf4", "mxfp4"), default="nf4", help="the experts' storage, as train.py's")
     p.add_argument("--kept-blocks", default="0", help="comma-separated: blocks not checkpointed (as train.py's "
                    "--kept-blocks), each swept on the same loaded model")
+    p.add_argument("--dense-experts", default="0", help="comma-separated 0/1: the experts dequantised a layer "
+                   "at a time for torch._grouped_mm (GptOss.dense_experts), each swept on the same loaded model")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -157,13 +159,15 @@ def main():
             del model, opt
             continue
         kept = [int(k) for k in args.kept_blocks.split(",")]
+        denses = [bool(int(d)) for d in args.dense_experts.split(",")]
         for k in kept:
-            model.kept_blocks = k
-            # a graph is captured per kept count: one captured with other blocks checkpointed would replay them so
-            graphed = GraphedStep(model, params, gate.decide("cuda")) if args.graphs else None
-            label = name + (f", kept {k}" if kept != [0] else "")
-            result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, label, graphed)
-            del graphed
+            for dense in denses:
+                model.kept_blocks, model.dense_experts = k, dense
+                # a graph per setting: one captured with other blocks checkpointed would replay them so
+                graphed = GraphedStep(model, params, gate.decide("cuda")) if args.graphs else None
+                label = name + (f", kept {k}" if kept != [0] else "") + (", dense experts" if dense else "")
+                result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, label, graphed)
+                del graphed
         del model, opt
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured
             json.dump(result, f, indent=1)

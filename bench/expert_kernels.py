@@ -5,6 +5,8 @@ uniformly at random (as top-4 routing of rows / 4 tokens is on average). Per bas
 forward (gate_up with the SwiGLU epilogue keeping y, as in training; down with its bias) and the input
 gradient, each in ms per call (mean of 20 after a warm-up) and TFLOP/s; then the expert MLP's backward
 past down (nf4_gemm.mlp_backward, or in a tree without it the compiled chain it replaced) in ms and GB/s.
+Where the tree has model/fast/dense_gemm.py, the dense path too ("nf4 dense": the layer dequantised
+by one kernel, then torch._grouped_mm; its dequantisation alone on a line of its own, in GB/s).
 --tree times another checkout's kernels with this script, so two trees are compared on one GPU in one call:
 
     python3 bench/expert_kernels.py --rows 8192,16384 --tree OLD_CHECKOUT    # then without --tree
@@ -45,9 +47,20 @@ def main():
     for rows in [int(r) for r in args.rows.split(",")]:
         counts = torch.bincount(torch.randint(0, EXPERTS, (rows,), device="cuda", generator=g), minlength=EXPERTS)
         offsets = counts.cumsum(0).to(torch.int32)
-        for base, gemm in (("nf4", nf4_gemm), ("mxfp4", mxfp4_gemm)):
+        paths = [("nf4", "nf4", nf4_gemm), ("mxfp4", "mxfp4", mxfp4_gemm)]
+        try:
+            from model.fast import dense_gemm
+            paths += [("nf4 dense", "nf4", dense_gemm.NF4), ("mxfp4 dense", "mxfp4", dense_gemm.MXFP4)]
+        except ImportError:
+            dense_gemm = None
+        for name, base, gemm in paths:
             for proj, n_in, n_out in (("gate_up", HIDDEN, 2 * INTER), ("down", INTER, HIDDEN)):
                 w = weights(base, n_in, n_out, g)
+                if gemm is getattr(dense_gemm, "NF4", None) or gemm is getattr(dense_gemm, "MXFP4", None):
+                    ms = timed(lambda: gemm.base.dequantize(w))
+                    moved = w.nbytes() + EXPERTS * n_in * n_out * 2
+                    print(json.dumps({"rows": rows, "base": name, "proj": proj, "part": "dequantize", "ms": round(ms, 4),
+                                      "GBps": round(moved / ms / 1e6)}), flush=True)
                 bias = torch.randn(EXPERTS, n_out, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
                 x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16, generator=g)
                 dy = torch.randn(rows, n_out, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -58,7 +71,7 @@ def main():
                 flop = 2 * rows * n_in * n_out
                 for direction, fn in (("y", forward), ("dx", lambda: gemm.grouped_mm_t(dy, w, offsets))):
                     ms = timed(fn)
-                    print(json.dumps({"rows": rows, "base": base, "proj": proj, "direction": direction,
+                    print(json.dumps({"rows": rows, "base": name, "proj": proj, "direction": direction,
                                       "ms": round(ms, 4), "TFLOPs": round(flop / ms / 1e9, 1)}), flush=True)
                 del w, x, dy
         # the expert MLP's backward past down: one kernel where the tree has it, else the compiled chain

@@ -5,6 +5,8 @@ so a checkpoint's keys are our state_dict's keys.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -89,6 +91,7 @@ class GptOss(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in the backward, keep its input only
         self.offload_activations = False     # with checkpointing: keep those inputs in host memory (fast/offload.py)
         self.kept_blocks = 0                 # with checkpointing: so many last blocks are not (memory for speed)
+        self.dense_experts = False           # a layer's experts in bf16 for each product (memory for speed)
         self.fast_paths: gate.FastPaths | None = None
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -129,8 +132,12 @@ class GptOss(nn.Module):
         return emb(input_ids.to(emb.weight.device)).to(self.model.norm.weight.device)
 
     def fast(self, device) -> gate.FastPaths:
-        """The fast paths in use on `device`: those set on the model, else the gate's choice."""
-        return self.fast_paths or gate.decide(device)
+        """The fast paths in use on `device`: those set on the model, else the gate's choice; with
+        `dense_experts` (model/fast/dense_gemm.py) where the experts' kernels and torch._grouped_mm run."""
+        fast = self.fast_paths or gate.decide(device)
+        if self.dense_experts and fast.nf4_kernels and fast.grouped_mm and not fast.dense_experts:
+            return dataclasses.replace(fast, dense_experts=True)
+        return fast
 
     def decode(self, x, doc_ids=None, positions=None):
         """Embeddings (batch, seq, hidden) -> final-norm states, through every block.

@@ -25,9 +25,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def fast():
+def fast(dense=False):
+    """The GPU's fast paths; dense: with the experts' dense path (model/fast/dense_gemm.py) chosen."""
+    import dataclasses
     from model.fast import gate
-    return gate.decide("cuda")
+    return dataclasses.replace(gate.decide("cuda"), dense_experts=dense)
 
 
 # --- the fast paths against their plain twins ------------------------------------------------------
@@ -129,17 +131,18 @@ def quantised_and_dense_experts(group=None, storage=None):
     return quantised, dense
 
 
-def check_against_dense(quantised, dense):
-    """The 4-bit layer on the fast paths against its dense twin run plainly (a loop over experts), 4,096
-    tokens in bf16: output and input/routing gradients within bf16 rounding of the accumulation."""
+def check_against_dense(quantised, dense, paths=None):
+    """The 4-bit layer on the fast paths (`paths`, default the GPU's) against its dense twin run plainly
+    (a loop over experts), 4,096 tokens in bf16: output and input/routing gradients within bf16 rounding
+    of the accumulation."""
     g = torch.Generator("cuda").manual_seed(2)
     x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
     idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
     results = []
-    for layer, paths in ((quantised, fast()), (dense, None)):
+    for layer, p in ((quantised, paths or fast()), (dense, None)):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = layer(xi, wi, idx, paths)
+        y = layer(xi, wi, idx, p)
         dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
         results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
     for a, b in zip(*results):
@@ -153,9 +156,26 @@ def test_nf4_experts_equal_dense_experts_on_their_dequantised_weights(group):
     check_against_dense(*quantised_and_dense_experts(group))
 
 
-def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts():
-    """Expert LoRA over the NF4 kernels (the low-rank term added in their epilogue) against the same
-    adapter over the dense twin run plainly: output and input/routing gradients (check_against_dense)."""
+@pytest.mark.parametrize("storage", ["nf4", "mxfp4"])
+def test_the_dense_path_equals_dense_experts_on_their_dequantised_weights(storage):
+    """The experts dequantised a layer at a time, then torch._grouped_mm (dense_gemm.py), NF4 and MXFP4,
+    against the dense bf16 twin run plainly; and the one-kernel dequantisations equal the storages' own
+    in bf16, bit for bit, at gpt-oss-20b's widths."""
+    from model.fast import mxfp4_gemm, nf4_gemm
+    from model.weights.mxfp4 import MXFP4Experts
+    quantised, dense = quantised_and_dense_experts(storage=MXFP4Experts if storage == "mxfp4" else None)
+    for name in ("gate_up_proj", "down_proj"):
+        w = quantised.mxfp4[name] if storage == "mxfp4" else quantised.nf4[name][0]
+        got = (mxfp4_gemm if storage == "mxfp4" else nf4_gemm).dequantize(w)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, w.dequantize())
+    check_against_dense(quantised, dense, fast(dense=True))
+
+
+@pytest.mark.parametrize("dense_path", [False, True])
+def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts(dense_path):
+    """Expert LoRA over the NF4 kernels (the low-rank term added in their epilogue), and over the dense
+    path, against the same adapter over the dense twin run plainly: output and input/routing gradients
+    (check_against_dense)."""
     from lora.layers import LoRAExperts
     layers = []
     for base in quantised_and_dense_experts():
@@ -164,13 +184,14 @@ def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts():
         torch.nn.init.normal_(layer.lora_B["gate_up_proj"], std=0.02)
         torch.nn.init.normal_(layer.lora_B["down_proj"], std=0.02)
         layers.append(layer)
-    check_against_dense(*layers)
+    check_against_dense(*layers, fast(dense_path))
 
 
-def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu():
-    """A packed row's padding in the fused NF4 layer, where the rows the kernels leave unwritten hold
-    whatever the allocator had: the real tokens' output and gradients are those of the layer run on
-    them alone, the padding's are exactly zero, and nothing is NaN."""
+@pytest.mark.parametrize("dense_path", [False, True])
+def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu(dense_path):
+    """A packed row's padding in the fused NF4 layer (and on the dense path), where the rows the kernels
+    leave unwritten hold whatever the allocator had: the real tokens' output and gradients are those of
+    the layer run on them alone, the padding's are exactly zero, and nothing is NaN."""
     nf4, _ = quantised_and_dense_experts()
     g = torch.Generator("cuda").manual_seed(5)
     x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -181,18 +202,20 @@ def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu():
     padding[3000:] = True
     torch.empty(8 * 2 ** 30, dtype=torch.uint8, device="cuda").fill_(255)   # NaN bits in the freed cache
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = nf4(xi, wi, idx, fast(), padding)
+    y = nf4(xi, wi, idx, fast(dense_path), padding)
     packed = (y, *torch.autograd.grad(y, (xi, wi), dy))
     xa, wa = x[:3000].clone().requires_grad_(), w[:3000].clone().requires_grad_()
-    ya = nf4(xa, wa, idx[:3000], fast())
+    ya = nf4(xa, wa, idx[:3000], fast(dense_path))
     alone = (ya, *torch.autograd.grad(ya, (xa, wa), dy[:3000]))
     for a, b in zip(packed, alone):
         assert a.isfinite().all() and a[3000:].eq(0).all()
         assert rel(a[:3000], b) < 1e-3
 
 
-def test_experts_are_bit_reproducible():
-    """The same inputs give the same bits: each token's expert rows are summed in a fixed order."""
+@pytest.mark.parametrize("dense_path", [False, True])
+def test_experts_are_bit_reproducible(dense_path):
+    """The same inputs give the same bits: each token's expert rows are summed in a fixed order (on the
+    fused kernels and on the dense path)."""
     nf4, _ = quantised_and_dense_experts()
     g = torch.Generator("cuda").manual_seed(4)
     x = torch.randn(8192, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -201,7 +224,7 @@ def test_experts_are_bit_reproducible():
     outs = []
     for _ in range(3):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = nf4(xi, wi, idx, fast())
+        y = nf4(xi, wi, idx, fast(dense_path))
         outs.append((y, *torch.autograd.grad(y.float().square().sum(), (xi, wi))))
     for run in outs[1:]:
         for a, b in zip(run, outs[0]):

@@ -1,7 +1,8 @@
 """The NF4 and MXFP4 kernels compiled for every GPU generation they may run on, without a GPU.
 
 Triton compiles for any NVIDIA target on the CPU (its wheel ships ptxas). Each kernel variant that
-model/fast/nf4_gemm.py and mxfp4_gemm.py launch, with the tiles `tiles_for` picks for the generation and specialised
+model/fast/nf4_gemm.py and mxfp4_gemm.py launch (and on sm_90/sm_100 dense_gemm.py's dequantisations and epilogue),
+with the tiles `tiles_for` picks for the generation and specialised
 as the JIT specialises gpt-oss's real arguments, must compile, fit the generation's shared memory
 and (off the H100's tuned tiles) spill nothing. Compiling all of them takes a minute or two on two
 cores; each is compiled once per session (and Triton keeps them in its on-disk cache).
@@ -14,7 +15,7 @@ import triton  # noqa: F401  (a test requirement: without it these tests must fa
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.nvidia.compiler import CUDABackend
 
-from model.fast import mxfp4_gemm, nf4_gemm, targets
+from model.fast import dense_gemm, mxfp4_gemm, nf4_gemm, targets
 
 GENERATIONS = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 
@@ -64,12 +65,14 @@ def test_tiles_hold_whole_blocks_of_64_on_every_generation():
 def test_every_launch_compiles_and_fits_the_generation(capability):
     limit = targets.SHARED_MEMORY[capability]
     launches = targets.launches(capability)
-    assert len(launches) == sum(len(m.FORWARD_VARIANTS) + len(m.TRANSPOSED_VARIANTS) for m in (nf4_gemm, mxfp4_gemm)) + 1
+    dense = 2 + len(dense_gemm.EPILOGUE_VARIANTS) if capability[0] in (9, 10) else 0   # sm_90/100's dense path
+    assert len(launches) == sum(len(m.FORWARD_VARIANTS) + len(m.TRANSPOSED_VARIANTS) for m in (nf4_gemm, mxfp4_gemm)) \
+        + 1 + dense
     for index in range(len(launches)):
         name, tiles, usage = compiled(capability, index)
         assert 0 < usage["shared"] <= limit, (name, tiles, usage, limit)
         assert usage["registers"] <= 255, (name, usage)
-        if capability[0] != 9 or name.startswith("mxfp4"):
+        if capability[0] != 9 or not name.startswith(("y=", "dx=")):
             # The H100's NF4 tiles were tuned with the few bytes some variants spill there; elsewhere,
             # and for MXFP4 everywhere, tiles_for picks tiles that spill nothing.
             assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (name, tiles, usage)

@@ -171,13 +171,14 @@ def test_nf4_experts_take_the_kernels_and_keep_forward_and_gradient(gemm, monkey
     check_kernels_keep_forward_and_gradient(gemm, monkeypatch, nf4, dense, x, weights, idx, train_biases)
 
 
-def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense, x, weights, idx, train_biases):
+def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense, x, weights, idx, train_biases,
+                                            fast=None):
     """A layer's 4-bit experts (NF4, or test_mxfp4's MXFP4) through the kernels equal the same layer
     dequantised: output, and the gradients of the input, the routing weights and (when they train) the
     biases.
 
     Frozen biases (LoRA's case) take the fused layer (`_NF4ExpertLayer`), with its own backward; biases
-    that train take Experts.forward over the separate products.
+    that train take Experts.forward over the separate products. fast: the paths (default: the CPU's).
     """
     biases = ("gate_up_proj_bias", "down_proj_bias")
     for name in biases:
@@ -186,7 +187,7 @@ def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense,
     calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1, y2 = quantised(x1, w1, idx, gate.decide("cpu")), dense(x2, w2, idx)
+    y1, y2 = quantised(x1, w1, idx, fast or gate.decide("cpu")), dense(x2, w2, idx)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
@@ -203,7 +204,7 @@ def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense,
             assert getattr(quantised, name).grad is None
 
 
-def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx):
+def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx, fast=None):
     """Expert LoRA (both matrices) over 4-bit experts through the kernels, whose epilogue adds the
     low-rank term (`add`), equals it over the same experts dequantised: output, and the gradients of the
     input, the routing weights and every adapter matrix."""
@@ -220,7 +221,7 @@ def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, wei
     calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1, y2 = layers[0](x1, w1, idx, gate.decide("cpu")), layers[1](x2, w2, idx)
+    y1, y2 = layers[0](x1, w1, idx, fast or gate.decide("cpu")), layers[1](x2, w2, idx)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
@@ -332,7 +333,7 @@ def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
     check_padding_is_skipped(gemm, monkeypatch, config, nf4.requires_grad_(False))
 
 
-def check_padding_is_skipped(gemm, monkeypatch, config, layer):
+def check_padding_is_skipped(gemm, monkeypatch, config, layer, fast=None):
     """A fused expert layer (NF4 or MXFP4, frozen) with some tokens marked padding: the kernels compute
     only the other tokens' rows, whose output and gradients equal the layer run on those tokens alone;
     the padding's output and gradients are exactly zero, though the rows left unwritten hold NaN."""
@@ -343,12 +344,13 @@ def check_padding_is_skipped(gemm, monkeypatch, config, layer):
     seen = poison_past_the_last_offset(gemm, monkeypatch)
     g = torch.randn(23, config.hidden_size)
     x1, w1 = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    y1 = layer(x1, w1, idx, gate.decide("cpu"), padding)
+    fast = fast or gate.decide("cpu")
+    y1 = layer(x1, w1, idx, fast, padding)
     y1.backward(g)
     k = config.num_experts_per_tok
     assert seen == [(23 * k, 14 * k)] * 4                    # gate_up, down, and both transposed products
     x2, w2 = x[real].clone().requires_grad_(), weights[real].clone().requires_grad_()
-    y2 = layer(x2, w2, idx[real], gate.decide("cpu"))
+    y2 = layer(x2, w2, idx[real], fast)
     y2.backward(g[real])
     torch.testing.assert_close(y1[real], y2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad[real], x2.grad, rtol=1e-6, atol=1e-6)

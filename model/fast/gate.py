@@ -13,6 +13,10 @@ as an argument; `describe` gives the lines train.py prints at start.
     compiled       torch.compile'd elementwise chains, and the   | the same chains, op by op
                    rotary embedding's Triton kernel (rotary.py)
     cuda_graphs    each micro-batch replayed as a CUDA graph     | eager launches
+
+`dense_experts` is not the device's to decide but memory's: the model sets it (GptOss.dense_experts,
+where the experts' kernels and torch._grouped_mm both run) when the memory plan has room for a layer's
+experts in bf16.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class FastPaths:
     flex_attention: bool = False
     compiled: bool = False
     cuda_graphs: bool = False
+    dense_experts: bool = False                 # the experts dequantised a layer at a time, then torch._grouped_mm
+                                                # (model/fast/dense_gemm.py): a memory choice, GptOss.dense_experts
     capability: tuple[int, int] | None = None   # the CUDA device's (major, minor); None on the CPU
     why: tuple[tuple[str, str], ...] = ()       # (path, reason) in the order printed; where the experts'
                                                 # kernels run, their reason says only where ("on sm_90")

@@ -60,6 +60,22 @@ if triton is not None:
         return tl.reshape(tl.join(lo.to(dtype), hi.to(dtype)), (BN, BK))   # lo, hi, lo, hi... as the inputs
 
     @triton.jit
+    def _dequantize_kernel(blocks_ptr, scales_ptr, lut_ptr, out_ptr, n_blocks, BB: tl.constexpr):
+        """BB blocks of 32 inputs a program, in their stored order (16 bytes and one scale each), with
+        _dequant_tile's arithmetic: bit-identical to dequantize_mxfp4."""
+        b = tl.program_id(0) * BB + tl.arange(0, BB)
+        ok = b < n_blocks
+        byte = tl.load(blocks_ptr + b.to(tl.int64)[:, None] * 16 + tl.arange(0, 16)[None, :], mask=ok[:, None],
+                       other=0).to(tl.int32)
+        s = tl.load(scales_ptr + b, mask=ok, other=127).to(tl.int32)
+        scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)[:, None]
+        lut = tl.load(lut_ptr + tl.arange(0, 16))
+        lo = tl.reshape(tl.gather(lut, tl.reshape(byte & 15, (BB * 16,)), 0), (BB, 16)) * scale
+        hi = tl.reshape(tl.gather(lut, tl.reshape(byte >> 4, (BB * 16,)), 0), (BB, 16)) * scale
+        w = tl.reshape(tl.join(lo, hi), (BB, 32)).to(out_ptr.dtype.element_ty)   # input 2j, then 2j + 1
+        tl.store(out_ptr + b.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :], w, mask=ok[:, None])
+
+    @triton.jit
     def _grouped_mm_kernel(x_ptr, src_ptr, blocks_ptr, scales_ptr, lut_ptr, offsets_ptr, bias_ptr, add_ptr, y_ptr,
                            h_ptr, K: tl.constexpr, N, num_experts, alpha, limit, GATHER: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_Y: tl.constexpr, SWIGLU: tl.constexpr,
@@ -153,6 +169,19 @@ def _check(x, w, offsets):
     assert w.blocks.is_contiguous() and w.scales.is_contiguous() and k % BLOCK == 0, w.shape
     assert offsets.dtype == torch.int32 and offsets.numel() == e, (offsets.dtype, offsets.shape)
     return e, k, n
+
+
+DEQUANTIZE_TILES = {"BB": 128, "num_warps": 4}    # blocks of 32 a program (bench/dequantize_tiles.py)
+
+
+def dequantize(w, tiles: dict | None = None):
+    """The whole MXFP4Tensor w in its compute dtype, (experts, in, out), in one kernel: a transposed
+    view of the stored (experts, out, in), which torch._grouped_mm reads as it is (dense_gemm.py)."""
+    e, k, n = w.shape
+    out = torch.empty(e, n, k, device=w.blocks.device, dtype=w.dtype)
+    n_blocks, t = out.numel() // BLOCK, tiles or DEQUANTIZE_TILES
+    _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](w.blocks, w.scales, w.lut, out, n_blocks, **t)
+    return out.transpose(1, 2)
 
 
 def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src, add=None):

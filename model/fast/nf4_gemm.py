@@ -159,6 +159,21 @@ if triton is not None:
 
 
     @triton.jit
+    def _dequantize_kernel(packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, out_ptr, n_blocks, BB: tl.constexpr):
+        """BB blocks of 64 weights a program, in their stored order (32 bytes and one scale each), with
+        _dequant_tile's arithmetic: bit-identical to bitsandbytes' dequantisation."""
+        b = tl.program_id(0) * BB + tl.arange(0, BB)
+        ok = b < n_blocks
+        byte = tl.load(packed_ptr + b.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok[:, None],
+                       other=0).to(tl.int32)
+        scale = (tl.load(absmax_ptr + b, mask=ok, other=0.0) + tl.load(absmax_offset_ptr))[:, None]
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        hi = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BB * 32,)), 0), (BB, 32)) * scale
+        lo = tl.reshape(tl.gather(code, tl.reshape(byte & 15, (BB * 32,)), 0), (BB, 32)) * scale
+        w = tl.reshape(tl.join(hi, lo), (BB, 64)).to(out_ptr.dtype.element_ty)   # element 2j, then 2j + 1
+        tl.store(out_ptr + b.to(tl.int64)[:, None] * 64 + tl.arange(0, 64)[None, :], w, mask=ok[:, None])
+
+    @triton.jit
     def _grouped_mm_kernel(x_ptr, src_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr,
                            add_ptr, y_ptr, h_ptr, K, N, num_experts, alpha, limit, GATHER: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_Y: tl.constexpr, SWIGLU: tl.constexpr,
@@ -352,6 +367,19 @@ def operands(w, device) -> tuple:
     """What the kernels read of an NF4Tensor: its packed codes, each block's fp32 scale less the
     offset, the offset, the code book."""
     return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
+
+
+DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4}     # blocks of 64 a program (bench/dequantize_tiles.py)
+
+
+def dequantize(w, tiles: dict | None = None):
+    """The whole NF4Tensor w in its compute dtype, (experts, in, out), in one kernel: for
+    model/fast/dense_gemm.py, which multiplies it with torch._grouped_mm."""
+    packed, d, offset, code = operands(w, w.packed.device)
+    out = torch.empty(w.shape, device=packed.device, dtype=w.dtype)
+    n_blocks, t = out.numel() // BLOCKSIZE, tiles or DEQUANTIZE_TILES
+    _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](packed, d, offset, code, out, n_blocks, **t)
+    return out
 
 
 def _forward(x, w, offsets, bias, swiglu, store_y, tiles, src, add=None):

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import mxfp4_gemm, nf4_gemm
+from . import dense_gemm, mxfp4_gemm, nf4_gemm
 
 # Shared memory a block may use (the opt-in maximum, bytes), per compute capability: the data-center
 # parts have more than the consumer ones, whose registers per thread also run out sooner.
@@ -31,8 +31,10 @@ SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_
 POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "src_ptr": "*i32", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
             "absmax_offset_ptr": "*fp32", "code_ptr": "*fp32", "offsets_ptr": "*i32", "bias_ptr": "*bf16",
             "add_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16", "blocks_ptr": "*u8",
-            "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16", "gh_ptr": "*fp32"}
-GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880}
+            "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16", "gh_ptr": "*fp32",
+            "out_ptr": "*bf16"}
+GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880,
+                "n_blocks": 32 * 2880 * 5760 // 64}
 
 
 def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
@@ -63,14 +65,16 @@ def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
 def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: dict, ints: dict = GPT_OSS_INTS):
     """triton.compile of one kernel variant with these tiles, for sm_{major}{minor}."""
     block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
-    options = {k: tiles[k] for k in ("num_warps", "num_stages")}
+    options = {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles}   # else the JIT's defaults
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     return triton.compile(source(kernel, {**constexprs, **block}, ints), target=target, options=options)
 
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
-    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward (both take it)."""
+    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward (both take it), then where
+    torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's (dense_gemm.py): both
+    dequantisations and the epilogue's variants."""
     out = []
     for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
         tiles, tiles_t = module.tiles_for(capability)
@@ -82,6 +86,12 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
             out.append((name, module._grouped_mm_t_kernel, constexprs, tiles_t))
     out.append(("mlp backward", nf4_gemm._mlp_backward_kernel, {"AT_BOUND_PASSES": nf4_gemm.CLAMP_PASSES_AT_BOUND},
                 nf4_gemm.MLP_BACKWARD_TILES))
+    if capability[0] in (9, 10):
+        out.append(("dequantize", nf4_gemm._dequantize_kernel, {}, nf4_gemm.DEQUANTIZE_TILES))
+        out.append(("mxfp4 dequantize", mxfp4_gemm._dequantize_kernel, {}, mxfp4_gemm.DEQUANTIZE_TILES))
+        for constexprs in dense_gemm.EPILOGUE_VARIANTS:
+            name = "dense epilogue" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)
+            out.append((name, dense_gemm._epilogue_kernel, {**constexprs, "EP": 32}, dense_gemm.EPILOGUE_TILES))
     return out
 
 

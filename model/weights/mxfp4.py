@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..fast import mxfp4_gemm, nf4_layer
+from ..fast import dense_gemm, mxfp4_gemm, nf4_layer
 from ..moe import Experts, grouped_matmul
 
 BLOCK = 32         # values sharing one scale, along the input dim
@@ -148,7 +148,7 @@ class MXFP4Experts(Experts):
         w = self.mxfp4[name]
         x, bias = x.to(w.dtype), getattr(self, name + "_bias")
         if nf4_layer.kernels_run(x, fast):  # one kernel each way, straight from the codes
-            return nf4_layer.project(x, w, offsets, bias, expert, gemm=mxfp4_gemm, add=add)
+            return nf4_layer.project(x, w, offsets, bias, expert, gemm=dense_gemm.for_base(mxfp4_gemm, fast), add=add)
         y = _GroupedMXFP4.apply(x, w, counts, offsets) + bias[expert].to(x.dtype)
         return y if add is None else y + add.to(y.dtype)
 
@@ -158,8 +158,8 @@ class MXFP4Experts(Experts):
         xc = x.to(gate_up.dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down, gemm=mxfp4_gemm,
-                                          padding=padding).to(x.dtype)
+            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down,
+                                          gemm=dense_gemm.for_base(mxfp4_gemm, fast), padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 

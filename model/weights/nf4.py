@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fast import nf4_layer
+from ..fast import dense_gemm, nf4_gemm, nf4_layer
 from ..moe import Experts, grouped_matmul, use_grouped_kernel
 
 BLOCKSIZE = 64
@@ -155,7 +155,8 @@ class NF4Experts(Experts):
         ws = self.nf4[name]
         x, bias = x.to(ws[0].dtype), getattr(self, name + "_bias")
         if len(ws) == 1 and nf4_layer.kernels_run(x, fast):  # one kernel each way, no bf16 copy of the weights
-            return nf4_layer.project(x, ws[0], offsets, bias, expert, add=add)
+            return nf4_layer.project(x, ws[0], offsets, bias, expert, gemm=dense_gemm.for_base(nf4_gemm, fast),
+                                     add=add)
         y = _GroupedNF4.apply(x, ws, counts, offsets, fast) + bias[expert].to(x.dtype)
         return y if add is None else y + add.to(y.dtype)
 
@@ -166,7 +167,7 @@ class NF4Experts(Experts):
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
         if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
             return nf4_layer.expert_layer(xc, weights, idx, self, gate_up[0], down[0],
-                                          padding=padding).to(x.dtype)
+                                          gemm=dense_gemm.for_base(nf4_gemm, fast), padding=padding).to(x.dtype)
         return super().forward(x, weights, idx, fast)
 
 
