@@ -7,7 +7,8 @@ measured on gpt-oss-20b (below; docs/BENCHMARKS.md), covering the checkpointed b
 offloaded, the few on the GPU), one block's recomputation, and the experts' tile. `plan` turns it
 into choices: the embedding on the CPU, offloaded checkpoints, an NF4 lm_head, bitsandbytes' 8-bit
 AdamW, or a clear stop naming the flags that would fit, instead of running out of memory minutes in;
-and, with memory to spare, blocks kept from recomputation (`kept_block_bytes`).
+and, with memory to spare, the experts dequantised a layer at a time for torch._grouped_mm
+(`dense_experts_bytes`), then blocks kept from recomputation (`kept_block_bytes`).
 
     QLORA_GPU_MEMORY_GIB=15.58 python train.py ...   # behave as on a card with 15.58 GiB usable
 """
@@ -182,6 +183,24 @@ class Plan(NamedTuple):
     lm_head_nf4: bool = False
     tile: int = 0     # the experts' tile of tokens (model/fast/tiled_moe.py)
     kept: int = 0     # blocks not checkpointed (GptOss.kept_blocks)
+    dense: bool = False   # the experts' dense path (GptOss.dense_experts)
+
+
+def dense_experts_bytes(config, tokens: int) -> float:
+    """What the experts' dense path (model/fast/dense_gemm.py) adds to the peak: a layer's gate_up in
+    bf16 while it is multiplied, and the rows it multiplies gathered (measured +0.91 to +1.02 GiB on
+    gpt-oss-20b at 2,048 and 4,096 tokens, docs/BENCHMARKS.md; this gives 1.03 and 1.08)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return config.num_local_experts * h * 2 * i * 2 + tokens * config.num_experts_per_tok * h * 2
+
+
+def dense_problem(fast) -> str | None:
+    """Why the experts' dense path cannot run under the gate's `fast` paths, or None."""
+    if fast is None or not fast.nf4_kernels:
+        return "the experts' Triton kernels do not run here (its dequantisation is one)"
+    if not fast.grouped_mm:
+        return "torch._grouped_mm is a single kernel on sm_90/sm_100 only"
+    return None
 
 
 def kept_block_bytes(config, tokens: int, expert_adapters: bool = False) -> float:
@@ -204,7 +223,8 @@ def _options(value, preferred):
 def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usable: float,
          embedding_on_cpu: bool | None, optim: str, fast=None, offload: bool | None = False,
          lm_head_nf4: bool | None = False, base: str = "nf4", tile: int | None = None,
-         headroom: float = HEADROOM, kept: int | None = 0, expert_adapters: bool = False) -> Plan:
+         headroom: float = HEADROOM, kept: int | None = 0, expert_adapters: bool = False,
+         dense: bool | None = False) -> Plan:
     """The choices that fit `usable` GiB; ValueError, naming the flags that would fit, if none does.
 
     None / "auto" leave a choice to the plan. Given up only where the run does not fit otherwise, in
@@ -217,7 +237,9 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     1.05 GiB above its allocated peak, docs/BENCHMARKS.md). `kept`: blocks not checkpointed, counted
     as fixed like the rest; None: as many as the memory left over holds (speed bought with memory
     nothing else wants), none where the blocks' inputs are offloaded or a plain path runs. `expert_adapters`:
-    LoRA on the experts, whose kept blocks hold more.
+    LoRA on the experts, whose kept blocks hold more. `dense`: the experts' dense path (True counted as
+    fixed where `fast` runs it); None: where the spare memory holds it twice (the training graph's copy
+    and an evaluation's beside it), before any kept block: per GiB it buys more (docs/BENCHMARKS.md).
     """
     from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * headroom
@@ -225,6 +247,8 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     layers = config.num_hidden_layers
     per_block = kept_block_bytes(config, tokens_per_micro_batch, expert_adapters)
     fixed = min(kept or 0, layers)
+    dense_cost = dense_experts_bytes(config, tokens_per_micro_batch)
+    can_dense = dense_problem(fast) is None
     # the per-block constants were measured on the fast paths; a plain path keeps more (eager attention
     # its score matrices), so there the plan keeps no block unless asked
     measured = fast is None or (fast.nf4_kernels and fast.flex_attention and (fast.grouped_mm or not expert_adapters))
@@ -238,16 +262,25 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                         # lookup is nothing beside such a step, and offloading needs the allocator room)
                         for on_cpu in _options(embedding_on_cpu, [True] if off else [False, True]):
                             n = need(config, trainable, opt, tokens_per_micro_batch, g, fast, off, head, base, t)
-                            total = n.total(not on_cpu) + fixed * per_block
+                            d = bool(dense) and can_dense
+                            total = n.total(not on_cpu) + fixed * per_block + d * dense_cost
                             tried.append(total)
                             if total <= fits:
+                                inputs = checkpointed_inputs(config, tokens_per_micro_batch)
+                                if dense is None and can_dense and not off and measured:
+                                    # its copy in the training step, and an evaluation's beside the graphs
+                                    d = fits - total - (n.activations - inputs) >= 2 * dense_cost
+                                    total += d * dense_cost
                                 n_kept = fixed if kept is not None else 0 if off or not measured else \
-                                    spare_blocks(fits - total, n, checkpointed_inputs(config, tokens_per_micro_batch),
-                                                 layers, per_block)
+                                    spare_blocks(fits - total - d * dense_cost, n, inputs, layers, per_block)
                                 total += (n_kept - fixed) * per_block
                                 lines = describe(n, total, usable, opt, on_cpu, off, head, g, graphs,
-                                                 tokens_per_micro_batch, t, n_kept, layers, per_block)
-                                return Plan(on_cpu, opt, g, lines, off, head, t, n_kept)
+                                                 tokens_per_micro_batch, t, n_kept, layers, per_block,
+                                                 d * dense_cost)
+                                if dense and not can_dense:
+                                    lines.append(f"  --dense-experts: not here ({dense_problem(fast)}); the fused "
+                                                 "kernels run")
+                                return Plan(on_cpu, opt, g, lines, off, head, t, n_kept, d)
     kept_note = (f"--kept-blocks {fixed} alone takes {fixed * per_block / GIB:.1f} GiB; with --kept-blocks 0: "
                  if fixed else "")
     raise ValueError(
@@ -264,13 +297,17 @@ def spare_blocks(spare: float, n: Need, inputs: float, layers: int, per_block: f
 
 
 def describe(n: Need, total: float, usable: float, opt: str, on_cpu: bool, offload: bool, head: bool, g: bool,
-             graphs: bool, tokens: int, tile: int, kept: int = 0, layers: int = 0, per_block: float = 0.0) -> list[str]:
+             graphs: bool, tokens: int, tile: int, kept: int = 0, layers: int = 0, per_block: float = 0.0,
+             dense: float = 0.0) -> list[str]:
     tiled = f", experts {tile} tokens at a time" if tokens > tile else ""
     line = (f"memory plan: {total / GIB:.2f} GiB of {usable:.2f} GiB usable (model {n.model / GIB:.2f}"
             f"{', NF4 lm_head' if head else ''}, embedding {'CPU' if on_cpu else f'{n.embedding / GIB:.2f}'}, "
             f"adapter {n.adapter / GIB:.2f}, optimizer {opt} {n.optimizer / GIB:.2f}, activations "
             f"{n.activations / GIB:.2f} for {tokens} tokens a micro-batch{tiled}"
             f"{'' if g or not graphs else '; no CUDA graphs'})")
+    if dense:
+        line += (f"\n  the experts dequantised a layer at a time for torch._grouped_mm ({dense / GIB:.2f} GiB, in the "
+                 "total; --dense-experts)")
     if kept:
         line += (f"\n  the last {kept} of {layers} blocks keep their activations ({kept * per_block / GIB:.2f} GiB, in "
                  "the total), not recomputed in the backward (--kept-blocks)")
@@ -348,6 +385,7 @@ def fit(config, model_config, resume=None):
         from model.fast.tiled_moe import TILE_TOKENS
         config.expert_tile = config.expert_tile or TILE_TOKENS
         config.kept_blocks = config.kept_blocks or 0   # the CPU's memory is not planned: none unless asked
+        config.dense_experts = False                    # nor is there a torch._grouped_mm kernel
         config.embedding_on_cpu = bool(config.embedding_on_cpu)
         config.offload_activations, config.lm_head_nf4 = bool(config.offload_activations), bool(config.lm_head_nf4)
         config.optim = "adamw" if config.optim == "auto" else config.optim
@@ -374,11 +412,11 @@ def fit(config, model_config, resume=None):
                   graphs, usable_gib(device), config.embedding_on_cpu, config.optim, fast,
                   config.offload_activations, config.lm_head_nf4, config.base, config.expert_tile,
                   config.memory_headroom, config.kept_blocks if config.gradient_checkpointing else 0,
-                  expert_adapters(config.targets))
+                  expert_adapters(config.targets), config.dense_experts)
     if not config.gradient_checkpointing:
         print(NOT_CHECKPOINTED)
     config.embedding_on_cpu, config.optim, config.expert_tile = chosen.embedding_on_cpu, chosen.optim, chosen.tile
-    config.kept_blocks = chosen.kept
+    config.kept_blocks, config.dense_experts = chosen.kept, chosen.dense
     config.offload_activations, config.lm_head_nf4 = chosen.offload, chosen.lm_head_nf4
     if not chosen.graphs and config.cuda_graphs == "auto":
         config.cuda_graphs = "off"

@@ -146,7 +146,7 @@ def train(config: TrainConfig, stop: StopSignals, world=distributed.World()) -> 
                                **placement(config))
             tokenizer = load_tokenizer(config.model)
     model.gradient_checkpointing, model.offload_activations = config.gradient_checkpointing, config.offload_activations
-    model.kept_blocks = config.kept_blocks
+    model.kept_blocks, model.dense_experts = config.kept_blocks, bool(config.dense_experts)
     model.set_expert_tile(config.expert_tile)
     with user_errors("cannot put LoRA into the model"):
         inject(model, targets=config.targets, rank=config.rank, alpha=config.alpha, dropout=config.dropout)

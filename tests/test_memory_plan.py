@@ -3,7 +3,7 @@ import pytest
 
 from lora.inject import count_trainable
 from memory_plan import (EXPERT_BYTES_PER_ROW_INTER, GIB, HEADROOM, NF4_BYTES_PER_WEIGHT, activations,
-                         kept_block_bytes, need, plan)
+                         dense_experts_bytes, kept_block_bytes, need, plan)
 from model.fast.tiled_moe import TILE_TOKENS
 from model import GptOssConfig
 from model.fast import gate
@@ -26,6 +26,38 @@ def test_the_nf4_model_is_counted_from_its_shapes(gpt_oss_20b):
     assert n.embedding == 201_088 * 2880 * 2
     assert n.adapter == ATTENTION_R16 * 4 * 3 and n.optimizer == ATTENTION_R16 * 8
 
+
+
+HOPPER = FastPaths(nf4_kernels=True, grouped_mm=True, flex_attention=True, compiled=True, cuda_graphs=True)
+
+
+def test_spare_memory_buys_the_experts_dense_path_first_where_the_gpu_runs_it(gpt_oss_20b):
+    """The dense path (a layer's gate_up in bf16 and the gathered rows) is chosen where the spare memory
+    holds it twice, the training step's copy and an evaluation's, before any kept block; counted as
+    fixed where asked for; never where torch._grouped_mm is no single kernel, which the plan says."""
+    cost = dense_experts_bytes(gpt_oss_20b, 4096)
+    assert cost == 32 * 2880 * 5760 * 2 + 4096 * 4 * 2880 * 2
+    roomy = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, 80, None, "auto", HOPPER, kept=None, dense=None)
+    assert roomy.dense and roomy.kept == 24 and "dequantised a layer at a time for torch._grouped_mm (1.08 GiB" \
+        in roomy.lines[0]
+    # the boundary: just enough spare for two copies after an evaluation's worth, then just short of it
+    n = need(gpt_oss_20b, ATTENTION_R16, "adamw", 4096, True, HOPPER)
+    enough = (n.total(True) + n.activations - 24 * 4096 * 2880 * 2 + 2 * cost) / GIB / HEADROOM
+    assert plan(gpt_oss_20b, ATTENTION_R16, 4096, True, enough + 1e-3, None, "auto", HOPPER, dense=None).dense
+    short = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, enough - 1e-3, None, "auto", HOPPER, kept=None, dense=None)
+    assert not short.dense and "dequantised" not in short.lines[0]
+    # asked for, it is counted like a kept block, in the total
+    def total(p):
+        return float(p.lines[0].split("memory plan: ")[1].split(" GiB")[0])
+    fixed = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", HOPPER, dense=True)
+    unasked = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", HOPPER)
+    assert fixed.dense and not unasked.dense and abs(total(fixed) - total(unasked) - cost / GIB) < 0.01
+    # the user's card (sm_89): torch._grouped_mm loops over the experts there, so never, and said so
+    ada = FastPaths(nf4_kernels=True, flex_attention=True, compiled=True, cuda_graphs=True)
+    assert not plan(gpt_oss_20b, ATTENTION_R16, 2048, True, 80, None, "auto", ada, kept=None, dense=None).dense
+    asked = plan(gpt_oss_20b, ATTENTION_R16, 2048, True, CARD, None, "auto", ada, dense=True)
+    assert not asked.dense and asked.lines[-1] == ("  --dense-experts: not here (torch._grouped_mm is a single "
+                                                   "kernel on sm_90/sm_100 only); the fused kernels run")
 
 def test_the_default_run_fits_a_16_gb_card_as_it_is(gpt_oss_20b):
     chosen = plan(gpt_oss_20b, ATTENTION_R16, 4096, True, CARD, None, "auto", offload=None, lm_head_nf4=None)
