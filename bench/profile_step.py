@@ -25,6 +25,9 @@ GiB = 2 ** 30
 PARTS = [
     ("nf4 experts y = x W (forward, recomputation; SwiGLU epilogue)", r"_grouped_mm_kernel"),
     ("nf4 experts dx = dy W^T (backward)", r"_grouped_mm_t_kernel"),
+    ("dense experts: dequantisation", r"_dequantize_kernel"),
+    ("dense experts: bias, SwiGLU epilogue", r"_epilogue_kernel"),
+    ("dense experts: torch._grouped_mm", r"GroupProblem|grouped_?gemm|GroupedGemm|grouped_mm"),
     ("attention (flex, forward and backward)", r"flex|triton_tem_fused|attention"),
     ("optimizer (AdamW)", r"adam|multi_tensor|foreach"),
     ("routing: sort, gather, permute", r"sort|radix|gather|index|scatter|cumsum|topk|bitonic"),
@@ -74,10 +77,11 @@ def main():
     p.add_argument("--embedding-device", default=None)
     p.add_argument("--kernels", type=int, default=0, help="also list this many kernels, the longest first")
     p.add_argument("--kept-blocks", type=int, default=0, help="blocks not checkpointed, as train.py's --kept-blocks")
+    p.add_argument("--dense-experts", action="store_true", help="the experts' dense path (GptOss.dense_experts)")
     args = p.parse_args()
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", embedding_device=args.embedding_device)
     _, opt = train_lora(model)
-    model.kept_blocks = args.kept_blocks
+    model.kept_blocks, model.dense_experts = args.kept_blocks, args.dense_experts
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     for _ in range(2):
         step(model, opt, ids)

@@ -133,45 +133,77 @@ def test_the_model_chooses_the_dense_path_only_where_its_kernels_run():
     assert model.fast("cpu").dense_experts is False
 
 
-def test_a_recomputation_keeps_gate_up_for_the_backward_that_follows(dense, monkeypatch):
-    """Under the model's checkpointing, the recomputation's copy of gate_up serves the backward's input
-    gradient (gate_up dequantised twice in all, not three times), down's input gradient runs on the fused
-    kernel meanwhile, nothing stays held after the backward, and the gradients equal the layer's without
-    checkpointing (float32; the fused kernel sums in another order)."""
+
+def count_base_calls(monkeypatch, gate_up):
+    """Record nf4_gemm's dequantisations and fused products, each as (function, "gate_up" or "down")."""
+    calls = []
+    for name in ("dequantize", "grouped_mm", "grouped_mm_swiglu", "grouped_mm_t"):
+        fn = getattr(nf4_gemm_module, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            w = args[0] if _name == "dequantize" else args[1]
+            calls.append((_name, "gate_up" if w is gate_up else "down"))
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(nf4_gemm_module, name, counted)
+    return calls
+
+
+def checkpointed_and_not(layer, x, weights, idx, calls):
+    """The calls of `layer` on the dense path without gradient checkpointing and under it (as the model's
+    blocks run it), whose output is the same and whose gradients (input, routing, trained parameters)
+    are equal within float32 rounding; nothing stays held after."""
     from torch.utils.checkpoint import checkpoint
     from model.fast.recompute import mark_recomputation
-    config, quantised, _ = nf4_and_dense_experts(seed=4)
-    quantised.requires_grad_(False)
-    x, weights, idx = routed_tokens(config)
-    calls, gate_up = [], quantised.nf4["gate_up_proj"][0]
-    dequantize, fused_t = nf4_gemm_module.dequantize, nf4_gemm_module.grouped_mm_t
-
-    def counted_dequantize(w, *args, **kwargs):
-        calls.append(("dequantize", "gate_up" if w is gate_up else "down"))
-        return dequantize(w, *args, **kwargs)
-
-    def counted_fused_t(dy, w, *args, **kwargs):
-        calls.append(("grouped_mm_t", "gate_up" if w is gate_up else "down"))
-        return fused_t(dy, w, *args, **kwargs)
-
-    monkeypatch.setattr(nf4_gemm_module, "dequantize", counted_dequantize)
-    monkeypatch.setattr(nf4_gemm_module, "grouped_mm_t", counted_fused_t)
-    grads = {}
+    out = {}
     for checkpointed in (False, True):
         xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
         calls.clear()
         if checkpointed:
-            y = checkpoint(lambda a, b: a + quantised(a, b, idx, DENSE), xi, wi, use_reentrant=False,
+            y = checkpoint(lambda a, b: a + layer(a, b, idx, DENSE), xi, wi, use_reentrant=False,
                            context_fn=mark_recomputation)
         else:
-            y = xi + quantised(xi, wi, idx, DENSE)
+            y = xi + layer(xi, wi, idx, DENSE)
+        trained = [p for p in layer.parameters() if p.requires_grad]
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads[checkpointed] = (y.detach(), xi.grad, wi.grad, list(calls))
-        assert dense.NF4.kept is None
-    assert grads[False][3] == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),
-                               ("dequantize", "gate_up")]
-    assert grads[True][3] == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "gate_up"),
-                              ("grouped_mm_t", "down")]
-    assert torch.equal(grads[False][0], grads[True][0])
-    for a, b in zip(grads[False][1:3], grads[True][1:3]):
+        out[checkpointed] = (y.detach(), list(calls), xi.grad, wi.grad, *[p.grad for p in trained])
+        for p in trained:
+            p.grad = None
+        assert dense_gemm_module.NF4.kept is None
+    assert torch.equal(out[False][0], out[True][0])
+    for a, b in zip(out[False][2:], out[True][2:]):     # the fused kernels sum in another order
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return out[False][1], out[True][1]
+
+
+def test_a_recomputation_keeps_gate_up_for_the_backward_that_follows(dense, monkeypatch):
+    """Under the model's checkpointing, the recomputation's copy of gate_up serves the backward's input
+    gradient (gate_up dequantised twice in all, not three times), down's input gradient runs on the fused
+    kernel meanwhile, and the gradients equal the layer's without checkpointing (float32)."""
+    config, quantised, _ = nf4_and_dense_experts(seed=4)
+    quantised.requires_grad_(False)
+    calls = count_base_calls(monkeypatch, quantised.nf4["gate_up_proj"][0])
+    plain, checkpointed = checkpointed_and_not(quantised, *routed_tokens(config), calls)
+    assert plain == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),
+                     ("dequantize", "gate_up")]
+    assert checkpointed == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "gate_up"),
+                            ("grouped_mm_t", "down")]
+
+
+def test_expert_lora_keeps_gate_up_from_the_recomputation_too(dense, monkeypatch):
+    """Expert LoRA recomputes both projections: gate_up's copy is kept, down's recomputed product and
+    input gradient run on the fused kernels beside it, and the gradients equal the run without
+    checkpointing."""
+    from lora.layers import LoRAExperts
+    config, quantised, _ = nf4_and_dense_experts(seed=6)
+    quantised.requires_grad_(False)
+    torch.manual_seed(9)
+    layer = LoRAExperts(quantised, rank=4, alpha=8)
+    for p in layer.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    calls = count_base_calls(monkeypatch, quantised.nf4["gate_up_proj"][0])
+    plain, checkpointed = checkpointed_and_not(layer, *routed_tokens(config), calls)
+    assert plain == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),
+                     ("dequantize", "gate_up")]
+    assert checkpointed == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "gate_up"),
+                            ("grouped_mm", "down"), ("grouped_mm_t", "down")]

@@ -104,16 +104,29 @@ class Dequantised:
     """The fused modules' three products (nf4_gemm's signatures, less the tiles) from `base`'s
     `dequantize`: the layer's weights in bf16 for one grouped product each, dropped as it returns.
 
-    One copy outlives its call: gate_up's in gradient checkpointing's recomputation of an expert layer
-    (`recompute.in_recomputation`), whose backward follows at once and needs gate_up again for its input
-    gradient; kept for that product (`kept`), gate_up is dequantised twice a step instead of three
-    times. While it is held, the layer's other input gradient (down's, which comes first) runs on the
-    fused kernel, so no second copy exists beside it.
+    One copy outlives its call: the first one made in gradient checkpointing's recomputation of an
+    expert layer (`recompute.in_recomputation`): gate_up's, whose backward follows at once and needs it
+    again for its input gradient. Kept for that product (`kept`), gate_up is dequantised twice a step
+    instead of three times. While it is held, the layer's other products (expert LoRA's recomputed down,
+    and down's input gradient, which comes first in the backward) run on the fused kernels, so no
+    second copy exists beside it.
     """
 
     def __init__(self, base):
         self.base = base
         self.kept = None          # (w, its bf16 copy) from a recomputation, for the backward's product
+
+    def _weights(self, w):
+        """w in bf16 for a forward product, kept in a recomputation where no copy is held yet; None
+        where another matrix's copy is held (the fused kernel runs instead)."""
+        if not in_recomputation():
+            self.kept = None                        # (a copy left by a backward that never came)
+        elif self.kept is not None:
+            return self.kept[1] if self.kept[0] is w else None
+        weights = self.base.dequantize(w)
+        if in_recomputation():
+            self.kept = (w, weights)
+        return weights
 
     def _forward(self, x, weights, offsets, bias, add, swiglu, src):
         rows = x if src is None else x[src]
@@ -122,11 +135,15 @@ class Dequantised:
         return y, epilogue(y, offsets, bias, add, swiglu)
 
     def grouped_mm(self, x, w, offsets, bias=None, src=None, add=None):
-        return self._forward(x, self.base.dequantize(w), offsets, bias, add, None, src)[0]
+        weights = self._weights(w)
+        if weights is None:
+            return self.base.grouped_mm(x, w, offsets, bias, src=src, add=add)
+        return self._forward(x, weights, offsets, bias, add, None, src)[0]
 
     def grouped_mm_swiglu(self, x, w, offsets, bias, alpha: float, limit: float, keep_y=True, src=None):
-        weights = self.base.dequantize(w)
-        self.kept = (w, weights) if in_recomputation() else None
+        weights = self._weights(w)
+        if weights is None:
+            return self.base.grouped_mm_swiglu(x, w, offsets, bias, alpha, limit, keep_y, src=src)
         y, h = self._forward(x, weights, offsets, bias, None, (alpha, limit), src)
         return (y if keep_y else None), h
 
