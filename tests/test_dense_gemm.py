@@ -189,10 +189,10 @@ def test_a_recomputation_keeps_gate_up_for_the_backward_that_follows(dense, monk
                             ("grouped_mm_t", "down")]
 
 
-def test_expert_lora_keeps_gate_up_from_the_recomputation_too(dense, monkeypatch):
-    """Expert LoRA recomputes both projections: gate_up's copy is kept, down's recomputed product and
-    input gradient run on the fused kernels beside it, and the gradients equal the run without
-    checkpointing."""
+def test_expert_lora_under_checkpointing_keeps_no_copy(dense, monkeypatch):
+    """Expert LoRA recomputes both projections through grouped_mm, which keeps no copy (measured: it did
+    not pay, dense_gemm.Dequantised): every product dequantises its matrix, and the gradients (the
+    adapter's too) equal the run without checkpointing."""
     from lora.layers import LoRAExperts
     config, quantised, _ = nf4_and_dense_experts(seed=6)
     quantised.requires_grad_(False)
@@ -206,4 +206,4 @@ def test_expert_lora_keeps_gate_up_from_the_recomputation_too(dense, monkeypatch
     assert plain == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),
                      ("dequantize", "gate_up")]
     assert checkpointed == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "gate_up"),
-                            ("grouped_mm", "down"), ("grouped_mm_t", "down")]
+                            ("dequantize", "down"), ("dequantize", "down"), ("dequantize", "gate_up")]
