@@ -59,8 +59,8 @@ def main():
                 if gemm is getattr(dense_gemm, "NF4", None) or gemm is getattr(dense_gemm, "MXFP4", None):
                     ms = timed(lambda: gemm.base.dequantize(w))
                     moved = w.nbytes() + EXPERTS * n_in * n_out * 2
-                    print(json.dumps({"rows": rows, "base": name, "proj": proj, "part": "dequantize", "ms": round(ms, 4),
-                                      "GBps": round(moved / ms / 1e6)}), flush=True)
+                    print(json.dumps({"rows": rows, "base": name, "proj": proj, "part": "dequantize",
+                                      "ms": round(ms, 4), "GBps": round(moved / ms / 1e6)}), flush=True)
                 bias = torch.randn(EXPERTS, n_out, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
                 x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16, generator=g)
                 dy = torch.randn(rows, n_out, device="cuda", dtype=torch.bfloat16, generator=g)

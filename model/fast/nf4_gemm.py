@@ -157,7 +157,6 @@ if triton is not None:
         lo = tl.reshape(tl.gather(code, tl.reshape(byte & 15, (BK * BN // 2,)), 0), (BK, BN // 2)) * scale
         return hi.to(dtype), lo.to(dtype)                             # columns n0 + 2j and n0 + 2j + 1
 
-
     @triton.jit
     def _dequantize_kernel(packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, out_ptr, n_blocks, BB: tl.constexpr):
         """BB blocks of 64 weights a program, in their stored order (32 bytes and one scale each), with

@@ -1,7 +1,8 @@
 """The NF4 experts' fast path: the Triton kernels of model/fast/nf4_gemm.py as autograd functions.
 
 MXFP4 experts (model/weights/mxfp4.py) take the same path with model/fast/mxfp4_gemm.py's kernels,
-which have the same three functions: `gemm` names the module whose kernels read the weights.
+which have the same three functions: `gemm` names the module whose kernels read the weights, or its
+dense twin (model/fast/dense_gemm.py: the layer dequantised, then torch._grouped_mm) where memory allows.
 
 `project` is one expert projection, x @ W[e] (+ bias[e]), both ways from the 4-bit codes.
 `expert_layer` is a whole layer of frozen NF4 experts (LoRA's case), from the routing to the weighted
