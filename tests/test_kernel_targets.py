@@ -28,8 +28,10 @@ def compiled(capability, index):
     return name, tiles, targets.ptxas_usage(kernel_binary, capability)
 
 
-@pytest.mark.parametrize("sizes", [{"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880},   # 20b gate_up
-                                   {"K": 2880, "N": 2880, "num_experts": 128, "rows": 1000, "inter": 2880}])  # 120b down
+@pytest.mark.parametrize("sizes", [{"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880,  # 20b gate_up
+                                    "n_blocks": 32 * 2880 * 5760 // 64},
+                                   {"K": 2880, "N": 2880, "num_experts": 128, "rows": 1000, "inter": 2880,  # 120b down
+                                    "n_blocks": 128 * 2880 * 2880 // 64}])
 def test_the_compiled_signature_is_the_jits_specialisation(sizes):
     """What the targets compile is what the JIT builds at run time from real arguments: Triton's own
     specialisation of each argument (torch tensors from the allocator, gpt-oss's sizes, the floats)."""
