@@ -194,15 +194,6 @@ def dense_experts_bytes(config, tokens: int) -> float:
     return config.num_local_experts * h * 2 * i * 2 + tokens * config.num_experts_per_tok * h * 2
 
 
-def dense_problem(fast) -> str | None:
-    """Why the experts' dense path cannot run under the gate's `fast` paths, or None."""
-    if fast is None or not fast.nf4_kernels:
-        return "the experts' Triton kernels do not run here (its dequantisation is one)"
-    if not fast.grouped_mm:
-        return "torch._grouped_mm is a single kernel on sm_90/sm_100 only"
-    return None
-
-
 def kept_block_bytes(config, tokens: int, expert_adapters: bool = False) -> float:
     """What one kept block holds above a checkpointed one's input, for a micro-batch of `tokens`."""
     per = KEPT_BLOCK_EXPERT_ADAPTERS_BYTES_PER_TOKEN_HIDDEN if expert_adapters else KEPT_BLOCK_BYTES_PER_TOKEN_HIDDEN
@@ -241,6 +232,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     fixed where `fast` runs it); None: where the spare memory holds it twice (the training graph's copy
     and an evaluation's beside it), before any kept block: per GiB it buys more (docs/BENCHMARKS.md).
     """
+    from model.fast.gate import dense_experts_problem
     from model.fast.tiled_moe import TILE_TOKENS
     fits = usable * GIB * headroom
     tiles = [tile] if tile else [TILE_TOKENS] + [SMALL_TILE] * (tokens_per_micro_batch > TILE_TOKENS)
@@ -248,7 +240,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
     per_block = kept_block_bytes(config, tokens_per_micro_batch, expert_adapters)
     fixed = min(kept or 0, layers)
     dense_cost = dense_experts_bytes(config, tokens_per_micro_batch)
-    can_dense = dense_problem(fast) is None
+    can_dense = dense_experts_problem(fast) is None
     # the per-block constants were measured on the fast paths; a plain path keeps more (eager attention
     # its score matrices), so there the plan keeps no block unless asked
     measured = fast is None or (fast.nf4_kernels and fast.flex_attention and (fast.grouped_mm or not expert_adapters))
@@ -278,7 +270,7 @@ def plan(config, trainable: int, tokens_per_micro_batch: int, graphs: bool, usab
                                                  tokens_per_micro_batch, t, n_kept, layers, per_block,
                                                  d * dense_cost)
                                 if dense and not can_dense:
-                                    lines.append(f"  --dense-experts: not here ({dense_problem(fast)}); the fused "
+                                    lines.append(f"  --dense-experts: not here ({dense_experts_problem(fast)}); the fused "
                                                  "kernels run")
                                 return Plan(on_cpu, opt, g, lines, off, head, t, n_kept, d)
     kept_note = (f"--kept-blocks {fixed} alone takes {fixed * per_block / GIB:.1f} GiB; with --kept-blocks 0: "

@@ -47,16 +47,16 @@ def main():
     for rows in [int(r) for r in args.rows.split(",")]:
         counts = torch.bincount(torch.randint(0, EXPERTS, (rows,), device="cuda", generator=g), minlength=EXPERTS)
         offsets = counts.cumsum(0).to(torch.int32)
-        paths = [("nf4", "nf4", nf4_gemm), ("mxfp4", "mxfp4", mxfp4_gemm)]
-        try:
+        paths = [("nf4", "nf4", nf4_gemm, False), ("mxfp4", "mxfp4", mxfp4_gemm, False)]
+        try:                                    # (a tree from before the dense path has none)
             from model.fast import dense_gemm
-            paths += [("nf4 dense", "nf4", dense_gemm.NF4), ("mxfp4 dense", "mxfp4", dense_gemm.MXFP4)]
+            paths += [("nf4 dense", "nf4", dense_gemm.NF4, True), ("mxfp4 dense", "mxfp4", dense_gemm.MXFP4, True)]
         except ImportError:
-            dense_gemm = None
-        for name, base, gemm in paths:
+            pass
+        for name, base, gemm, dense in paths:
             for proj, n_in, n_out in (("gate_up", HIDDEN, 2 * INTER), ("down", INTER, HIDDEN)):
                 w = weights(base, n_in, n_out, g)
-                if gemm is getattr(dense_gemm, "NF4", None) or gemm is getattr(dense_gemm, "MXFP4", None):
+                if dense:
                     ms = timed(lambda: gemm.base.dequantize(w))
                     moved = w.nbytes() + EXPERTS * n_in * n_out * 2
                     print(json.dumps({"rows": rows, "base": name, "proj": proj, "part": "dequantize",

@@ -135,7 +135,7 @@ class GptOss(nn.Module):
         """The fast paths in use on `device`: those set on the model, else the gate's choice; with
         `dense_experts` (model/fast/dense_gemm.py) where the experts' kernels and torch._grouped_mm run."""
         fast = self.fast_paths or gate.decide(device)
-        if self.dense_experts and fast.nf4_kernels and fast.grouped_mm and not fast.dense_experts:
+        if self.dense_experts and not fast.dense_experts and gate.dense_experts_problem(fast) is None:
             return dataclasses.replace(fast, dense_experts=True)
         return fast
 

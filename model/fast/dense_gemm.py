@@ -15,10 +15,9 @@ rounded to bf16 before the bias is added (the fused kernels add it in fp32 first
 """
 from __future__ import annotations
 
-import torch
-
 from . import mxfp4_gemm, nf4_gemm
 from .recompute import in_recomputation
+from ..moe import grouped_matmul
 
 try:
     import triton
@@ -71,14 +70,14 @@ EPILOGUE_VARIANTS = [{"HAS_BIAS": True, "HAS_ADD": False, "SWIGLU": True},
 
 
 def product(x, w, offsets):
-    """x (rows, in) sorted by expert times w[e] (experts, in, out), dense: torch._grouped_mm on CUDA; on
-    the CPU (the tests) a loop over the experts. Rows past the last offset are left unwritten."""
+    """x (rows, in) sorted by expert times w[e] (experts, in, out): moe.grouped_matmul, one
+    torch._grouped_mm on CUDA (where GptOss.fast grants this path), its loop over the experts on the
+    CPU (the tests), which reads the counts back. Rows past the last offset (padding) are left unwritten."""
     if x.is_cuda:
-        return torch._grouped_mm(x, w, offs=offsets)
-    y, start = x.new_empty(x.shape[0], w.shape[-1]), 0
-    for e, end in enumerate(offsets.tolist()):
-        y[start:end] = x[start:end] @ w[e]
-        start = end
+        return grouped_matmul(x, w, None, offsets)
+    counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+    y = x.new_empty(x.shape[0], w.shape[-1])
+    y[:sum(counts)] = grouped_matmul(x[:sum(counts)], w, counts, offsets)
     return y
 
 

@@ -146,6 +146,17 @@ def decide(device, kernels: str = "auto") -> FastPaths:
     return _cuda_paths(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def dense_experts_problem(fast: FastPaths | None) -> str | None:
+    """Why the experts' dense path (model/fast/dense_gemm.py) cannot run under `fast`, or None: its
+    dequantisation is a Triton kernel, and its product must be torch._grouped_mm's single kernel.
+    GptOss.fast grants `dense_experts` and memory_plan chooses it by this one test."""
+    if fast is None or not fast.nf4_kernels:
+        return "the experts' Triton kernels do not run here (its dequantisation is one)"
+    if not fast.grouped_mm:
+        return "torch._grouped_mm is a single kernel on sm_90/sm_100 only"
+    return None
+
+
 def bf16_problem(device) -> str | None:
     """Why gpt-oss cannot train on this GPU, or None: it computes in bfloat16 (sm_80 and newer)."""
     cap = torch.cuda.get_device_capability(device)
