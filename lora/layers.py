@@ -175,7 +175,27 @@ class LoRAExperts(nn.Module):
         return self.low_rank(name, x, counts, offsets) if name in self.lora_A else None
 
     def forward(self, x, weights, idx, fast=None, padding=None):
-        return Experts.forward(self, x, weights, idx, fast)     # the experts' routing, with our gate_up/down
+        """The 4-bit experts' fused layer with our terms in it where it runs (no dropout: the layer
+        multiplies x itself), else the experts' routing with our gate_up and down."""
+        if isinstance(self.dropout, nn.Identity) and isinstance(self.base_layer, (NF4Experts, MXFP4Experts)):
+            out = self.base_layer.fused_layer(x, weights, idx, fast, padding, lora=self.factors)
+            if out is not None:
+                return out
+        return Experts.forward(self, x, weights, idx, fast)
+
+    def factors(self, dtype):
+        """(A, B) of gate_up_proj, then of down_proj, in dtype (None where not adapted): A (experts, in,
+        rank), B (experts, rank, out) with the scaling in it, the rank padded with zeros to a multiple of 8
+        (the grouped kernel wants 16-byte strides; zeros add exactly nothing)."""
+        out = []
+        for name in EXPERT_MATRICES:
+            if name not in self.lora_A:
+                out += [None, None]
+                continue
+            pad = -self.rank % 8
+            a, b = self.lora_A[name].to(dtype), (self.lora_B[name] * self.scaling).to(dtype)
+            out += [F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))]
+        return tuple(out)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update of base matrix `name` in its layout (experts, in, out), float32."""

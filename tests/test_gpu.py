@@ -171,28 +171,47 @@ def test_the_dense_path_equals_dense_experts_on_their_dequantised_weights(storag
     check_against_dense(quantised, dense, fast(dense=True))
 
 
+def expert_lora(base, seed=7):
+    """LoRA r16 on both expert matrices of `base`, B random so that every adapter matrix has a gradient."""
+    from lora.layers import LoRAExperts
+    torch.manual_seed(seed)
+    layer = LoRAExperts(base.requires_grad_(False), rank=16, alpha=16)
+    torch.nn.init.normal_(layer.lora_B["gate_up_proj"], std=0.02)
+    torch.nn.init.normal_(layer.lora_B["down_proj"], std=0.02)
+    return layer
+
+
 @pytest.mark.parametrize("dense_path", [False, True])
 def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts(dense_path):
-    """Expert LoRA over the NF4 kernels (the low-rank term added in their epilogue), and over the dense
-    path, against the same adapter over the dense twin run plainly: output and input/routing gradients
-    (check_against_dense)."""
-    from lora.layers import LoRAExperts
-    layers = []
-    for base in quantised_and_dense_experts():
-        torch.manual_seed(7)
-        layer = LoRAExperts(base.requires_grad_(False), rank=16, alpha=16)
-        torch.nn.init.normal_(layer.lora_B["gate_up_proj"], std=0.02)
-        torch.nn.init.normal_(layer.lora_B["down_proj"], std=0.02)
-        layers.append(layer)
+    """Expert LoRA in the fused NF4 layer (the low-rank terms added in the kernels' epilogue, the
+    adapters' gradients as per-expert sums), and on the dense path, against the same adapter over the
+    dense twin run plainly: output and input/routing gradients (check_against_dense), and every adapter
+    matrix's gradient."""
+    layers = [expert_lora(base) for base in quantised_and_dense_experts()]
     check_against_dense(*layers, fast(dense_path))
+    g = torch.Generator("cuda").manual_seed(6)
+    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
+    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    dy = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = []
+    for layer, p in zip(layers, (fast(dense_path), None)):
+        layer(x, w, idx, p).backward(dy)
+        grads.append([t.grad for t in layer.parameters() if t.requires_grad])
+    assert len(grads[0]) == 4
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1.5e-2
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("dense_path", [False, True])
-def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu(dense_path):
-    """A packed row's padding in the fused NF4 layer (and on the dense path), where the rows the kernels
-    leave unwritten hold whatever the allocator had: the real tokens' output and gradients are those of
-    the layer run on them alone, the padding's are exactly zero, and nothing is NaN."""
+def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu(dense_path, lora):
+    """A packed row's padding in the fused NF4 layer (and on the dense path; frozen, and with expert
+    LoRA), where the rows the kernels leave unwritten hold whatever the allocator had: the real tokens'
+    output and gradients (the adapter's too) are those of the layer run on them alone, the padding's are
+    exactly zero, and nothing is NaN."""
     nf4, _ = quantised_and_dense_experts()
+    nf4 = expert_lora(nf4) if lora else nf4
     g = torch.Generator("cuda").manual_seed(5)
     x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
@@ -201,15 +220,18 @@ def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu(dense_path):
     padding = torch.zeros(4096, dtype=torch.bool, device="cuda")
     padding[3000:] = True
     torch.empty(8 * 2 ** 30, dtype=torch.uint8, device="cuda").fill_(255)   # NaN bits in the freed cache
+    trained = [t for t in nf4.parameters() if t.requires_grad]
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = nf4(xi, wi, idx, fast(dense_path), padding)
-    packed = (y, *torch.autograd.grad(y, (xi, wi), dy))
+    packed = (y, *torch.autograd.grad(y, (xi, wi, *trained), dy))
     xa, wa = x[:3000].clone().requires_grad_(), w[:3000].clone().requires_grad_()
     ya = nf4(xa, wa, idx[:3000], fast(dense_path))
-    alone = (ya, *torch.autograd.grad(ya, (xa, wa), dy[:3000]))
-    for a, b in zip(packed, alone):
+    alone = (ya, *torch.autograd.grad(ya, (xa, wa, *trained), dy[:3000]))
+    for a, b in zip(packed[:3], alone):
         assert a.isfinite().all() and a[3000:].eq(0).all()
         assert rel(a[:3000], b) < 1e-3
+    for a, b in zip(packed[3:], alone[3:]):
+        assert a.isfinite().all() and rel(a, b) < 1e-3
 
 
 @pytest.mark.parametrize("dense_path", [False, True])

@@ -18,6 +18,7 @@ from conftest import hf_twin  # noqa: F401  (conftest puts the repository on the
 from lora import inject, lora_parameters
 from lora.export import merged_tensor
 from model import GptOss, GptOssConfig, load_model
+from model.fast import dense_gemm as dense_gemm_module
 from model.fast import gate
 from model.fast import mxfp4_gemm as mxfp4_gemm_module
 from model.fast import nf4_gemm as nf4_gemm_module
@@ -35,14 +36,18 @@ from test_nf4_gemm import (check_expert_lora_on_the_kernels, check_kernels_keep_
 
 @pytest.fixture(scope="module")
 def gemm():
-    """model.fast.mxfp4_gemm with its kernels (and nf4_gemm's grid, which it calls) built for the interpreter."""
+    """model.fast.mxfp4_gemm with its kernels (and nf4_gemm's grid, which it calls, and dense_gemm's
+    epilogue, which expert LoRA's backward runs) built for the interpreter."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TRITON_INTERPRET", "1")
     importlib.reload(nf4_gemm_module)
-    yield importlib.reload(mxfp4_gemm_module)
+    module = importlib.reload(mxfp4_gemm_module)
+    importlib.reload(dense_gemm_module)
+    yield module
     patch.undo()
     importlib.reload(nf4_gemm_module)
     importlib.reload(mxfp4_gemm_module)
+    importlib.reload(dense_gemm_module)
 
 
 def random_mxfp4(experts, n_in, n_out, seed=0) -> MXFP4Tensor:

@@ -11,6 +11,7 @@ import torch
 import triton  # noqa: F401  (a test requirement: without it these tests must fail, not vanish)
 
 from model import GptOssConfig
+from model.fast import dense_gemm as dense_gemm_module
 from model.fast import gate
 from model.fast import nf4_gemm as nf4_gemm_module
 from model.moe import Experts
@@ -19,12 +20,16 @@ from model.weights.nf4 import NF4Experts, NF4Tensor
 
 @pytest.fixture(scope="module")
 def gemm():
-    """model.fast.nf4_gemm with its kernels built for the interpreter (the switch is read when they are defined)."""
+    """model.fast.nf4_gemm with its kernels built for the interpreter (the switch is read when they are
+    defined), and dense_gemm's epilogue, which expert LoRA's backward runs."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TRITON_INTERPRET", "1")
-    yield importlib.reload(nf4_gemm_module)
+    module = importlib.reload(nf4_gemm_module)
+    importlib.reload(dense_gemm_module)
+    yield module
     patch.undo()
     importlib.reload(nf4_gemm_module)
+    importlib.reload(dense_gemm_module)
 
 
 def per_expert(x, w, counts, transpose=False):
@@ -204,16 +209,18 @@ def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense,
             assert getattr(quantised, name).grad is None
 
 
-def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx, fast=None):
-    """Expert LoRA (both matrices) over 4-bit experts through the kernels, whose epilogue adds the
-    low-rank term (`add`), equals it over the same experts dequantised: output, and the gradients of the
-    input, the routing weights and every adapter matrix."""
+def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx, fast=None,
+                                     matrices=("gate_up_proj", "down_proj")):
+    """Expert LoRA (on `matrices`) over 4-bit experts runs in the frozen experts' fused layer
+    (`_NF4ExpertLayer`, the SwiGLU in gate_up's epilogue), whose kernels add the low-rank terms (`add`),
+    and equals it over the same experts dequantised (Experts.forward): output, and the gradients of
+    the input, the routing weights and every adapter matrix."""
     from lora.layers import LoRAExperts
     layers = []
     for base in (quantised, dense):
         base.requires_grad_(False)
         torch.manual_seed(9)
-        layer = LoRAExperts(base, rank=4, alpha=8)
+        layer = LoRAExperts(base, rank=4, alpha=8, matrices=matrices)
         for p in layer.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, std=0.1)                      # B too, so every matrix has a gradient
@@ -225,20 +232,33 @@ def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, wei
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
-    assert calls == ["grouped_mm"] * 2 + ["grouped_mm_t"] * 2, calls
+    assert calls == ["grouped_mm_swiglu", "grouped_mm", "grouped_mm_t", "grouped_mm_t"], calls
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-4)
     grads = [[p.grad for p in layer.parameters() if p.requires_grad] for layer in layers]
-    assert len(grads[0]) == 4
+    assert len(grads[0]) == 2 * len(matrices)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_expert_lora_on_the_kernels_equals_it_on_the_dequantised_experts(gemm, monkeypatch):
+@pytest.mark.parametrize("matrices", [("gate_up_proj", "down_proj"), ("gate_up_proj",), ("down_proj",)])
+def test_expert_lora_on_the_kernels_equals_it_on_the_dequantised_experts(gemm, monkeypatch, matrices):
     config, nf4, dense = nf4_and_dense_experts(seed=8)
     x, weights, idx = routed_tokens(config, n=40)
-    check_expert_lora_on_the_kernels(gemm, monkeypatch, nf4, dense, x, weights, idx)
+    check_expert_lora_on_the_kernels(gemm, monkeypatch, nf4, dense, x, weights, idx, matrices=matrices)
+
+
+def test_expert_lora_with_dropout_takes_the_separate_projections(gemm, monkeypatch):
+    """The fused layer multiplies x itself, so an adapter with dropout (which must see its own dropped
+    copy of x) runs Experts.forward over the separate products instead."""
+    from lora.layers import LoRAExperts
+    config, nf4, _ = nf4_and_dense_experts(seed=8)
+    layer = LoRAExperts(nf4.requires_grad_(False), rank=4, alpha=8, dropout=0.1)
+    calls = count_calls(gemm, monkeypatch)
+    x, weights, idx = routed_tokens(config)
+    layer(x.requires_grad_(), weights, idx, gate.decide("cpu")).sum().backward()
+    assert calls == ["grouped_mm"] * 2 + ["grouped_mm_t"] * 2, calls
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
@@ -333,10 +353,21 @@ def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
     check_padding_is_skipped(gemm, monkeypatch, config, nf4.requires_grad_(False))
 
 
+def test_padding_leaves_no_trace_in_expert_lora_either(gemm, monkeypatch):
+    from lora.layers import LoRAExperts
+    config, nf4, _ = nf4_and_dense_experts(seed=5)
+    torch.manual_seed(2)
+    layer = LoRAExperts(nf4.requires_grad_(False), rank=4, alpha=8)
+    for p in layer.lora_B.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    check_padding_is_skipped(gemm, monkeypatch, config, layer)
+
+
 def check_padding_is_skipped(gemm, monkeypatch, config, layer, fast=None):
-    """A fused expert layer (NF4 or MXFP4, frozen) with some tokens marked padding: the kernels compute
-    only the other tokens' rows, whose output and gradients equal the layer run on those tokens alone;
-    the padding's output and gradients are exactly zero, though the rows left unwritten hold NaN."""
+    """A fused expert layer (NF4 or MXFP4, frozen, or expert LoRA on it) with some tokens marked padding:
+    the kernels compute only the other tokens' rows, whose output and gradients (the adapter's too)
+    equal the layer run on those tokens alone; the padding's output and gradients are exactly zero,
+    though the rows left unwritten hold NaN."""
     x, weights, idx = routed_tokens(config, n=23)
     padding = torch.zeros(23, dtype=torch.bool)
     padding[[3, 15, 16, 17, 18, 19, 20, 21, 22]] = True
@@ -345,13 +376,19 @@ def check_padding_is_skipped(gemm, monkeypatch, config, layer, fast=None):
     g = torch.randn(23, config.hidden_size)
     x1, w1 = x.clone().requires_grad_(), weights.clone().requires_grad_()
     fast = fast or gate.decide("cpu")
+    trained = [p for p in layer.parameters() if p.requires_grad]
     y1 = layer(x1, w1, idx, fast, padding)
     y1.backward(g)
     k = config.num_experts_per_tok
     assert seen == [(23 * k, 14 * k)] * 4                    # gate_up, down, and both transposed products
+    grads = [p.grad for p in trained]
+    for p in trained:
+        p.grad = None
     x2, w2 = x[real].clone().requires_grad_(), weights[real].clone().requires_grad_()
     y2 = layer(x2, w2, idx[real], fast)
     y2.backward(g[real])
+    for a, p in zip(grads, trained):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y1[real], y2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad[real], x2.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w1.grad[real], w2.grad, rtol=1e-6, atol=1e-6)

@@ -15,6 +15,8 @@ rounded to bf16 before the bias is added (the fused kernels add it in fp32 first
 """
 from __future__ import annotations
 
+import torch
+
 from . import mxfp4_gemm, nf4_gemm
 from .recompute import in_recomputation
 from ..moe import grouped_matmul
@@ -61,9 +63,13 @@ if triton is not None:
 
 
 EPILOGUE_TILES = {"BR": 16, "BC": 128, "num_warps": 4}
-# the epilogue's variants launched (tests/test_kernel_targets.py compiles each): gate_up (frozen bias and
-# the SwiGLU), down (frozen bias), and expert LoRA's projections (its term, with or without a frozen bias)
+# the epilogue's variants the dense path launches (tests/test_kernel_targets.py compiles each): gate_up
+# (frozen bias and the SwiGLU; expert LoRA's term too), down (frozen bias), and the separate projections
+# of expert LoRA with trained biases (its term, with or without a frozen bias); and on every GPU, h
+# rebuilt from gate_up's output alone (expert LoRA's backward, model/fast/nf4_layer.py)
+SWIGLU_ONLY = {"HAS_BIAS": False, "HAS_ADD": False, "SWIGLU": True}
 EPILOGUE_VARIANTS = [{"HAS_BIAS": True, "HAS_ADD": False, "SWIGLU": True},
+                     {"HAS_BIAS": True, "HAS_ADD": True, "SWIGLU": True},
                      {"HAS_BIAS": True, "HAS_ADD": False, "SWIGLU": False},
                      {"HAS_BIAS": True, "HAS_ADD": True, "SWIGLU": False},
                      {"HAS_BIAS": False, "HAS_ADD": True, "SWIGLU": False}]
@@ -81,6 +87,19 @@ def product(x, w, offsets):
     return y
 
 
+def outer(a, b, offsets):
+    """a (rows, m) and b (rows, n) sorted by expert -> (experts, m, n), each expert's sum over its rows of
+    a^T b (expert LoRA's weight gradients). Rows past the last offset (padding) are not read: one
+    torch._grouped_mm on CUDA, a loop over the experts elsewhere."""
+    if a.is_cuda:
+        return torch._grouped_mm(a.t(), b, offs=offsets)
+    counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
+    for e, (ae, be) in enumerate(zip(a[:sum(counts)].split(counts), b[:sum(counts)].split(counts))):
+        out[e] = ae.T @ be
+    return out
+
+
 def epilogue(y, offsets, bias, add, swiglu):
     """y (rows, out) sorted by expert, in place: + bias[e] (+ add); with swiglu (alpha, limit) also
     returns h = SwiGLU(y). One kernel."""
@@ -93,7 +112,7 @@ def epilogue(y, offsets, bias, add, swiglu):
     e = offsets.numel()
     grid = (triton.cdiv(rows, t["BR"]), triton.cdiv(n, t["BC"]))
     variant = {"HAS_BIAS": bias is not None, "HAS_ADD": add is not None, "SWIGLU": swiglu is not None}
-    assert variant in EPILOGUE_VARIANTS, variant
+    assert variant in EPILOGUE_VARIANTS or variant == SWIGLU_ONLY, variant
     _epilogue_kernel[grid](y, offsets, bias if bias is not None else y, add if add is not None else y,
                            h if swiglu else y, n, e, alpha, limit, **variant, EP=triton.next_power_of_2(e), **t)
     return h
@@ -108,9 +127,9 @@ class Dequantised:
     gate_up again for its input gradient. Kept for that product (`kept`), gate_up is dequantised twice
     a step instead of three times (+5% tokens/s at 2,048 tokens, +1% at 4,096, the peak unchanged:
     docs/BENCHMARKS.md). While it is held, down's input gradient, which comes first in the backward,
-    runs on the fused kernel, so no second copy exists beside it. Expert LoRA's layer (grouped_mm for
-    both projections) keeps none: keeping its gate_up, with the recomputed down fused, measured +1.7%
-    at 2,048 tokens, -1% at 4,096 and 0.17 GiB more.
+    runs on the fused kernel, so no second copy exists beside it. Expert LoRA runs in the same layer
+    (its terms added in the epilogue) and keeps the same copy; with biases that train, the experts'
+    separate projections (grouped_mm) keep none.
     """
 
     def __init__(self, base):
@@ -126,10 +145,10 @@ class Dequantised:
     def grouped_mm(self, x, w, offsets, bias=None, src=None, add=None):
         return self._forward(x, self.base.dequantize(w), offsets, bias, add, None, src)[0]
 
-    def grouped_mm_swiglu(self, x, w, offsets, bias, alpha: float, limit: float, keep_y=True, src=None):
+    def grouped_mm_swiglu(self, x, w, offsets, bias, alpha: float, limit: float, keep_y=True, src=None, add=None):
         weights = self.base.dequantize(w)
         self.kept = (w, weights) if in_recomputation() else None  # (else: drops a copy whose backward never came)
-        y, h = self._forward(x, weights, offsets, bias, None, (alpha, limit), src)
+        y, h = self._forward(x, weights, offsets, bias, add, (alpha, limit), src)
         return (y if keep_y else None), h
 
     def grouped_mm_t(self, dy, w, offsets, src=None):

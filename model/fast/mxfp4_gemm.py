@@ -198,11 +198,11 @@ def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None, ad
 
 
 def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,
-                      src=None):
+                      src=None, add=None):
     """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
 
-    Returns (y, h), y None unless `keep_y`; src as for nf4_gemm.grouped_mm."""
-    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src)
+    Returns (y, h), y None unless `keep_y`; src and add as for nf4_gemm.grouped_mm."""
+    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src, add)
 
 
 def grouped_mm_t(dy, w, offsets, tiles: dict | None = None, src=None):

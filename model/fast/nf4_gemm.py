@@ -286,12 +286,13 @@ def _tiles(x, transposed: bool) -> dict:
 
 # The constexpr variants of the kernels that the functions below launch (tests/test_kernel_targets.py
 # compiles each for every GPU generation): grouped_mm, and grouped_mm_swiglu with and without y; the
-# expert layer's gate_up (frozen bias, SwiGLU) reads the token rows in place (GATHER), as does down's
-# transposed product; expert LoRA's projections add their low-rank term in the epilogue (HAS_ADD).
+# expert layer's gate_up (frozen bias, SwiGLU; expert LoRA's term too) reads the token rows in place
+# (GATHER), as does down's transposed product; expert LoRA's projections add their low-rank term in the
+# epilogue (HAS_ADD).
 FORWARD_VARIANTS = [{"GATHER": False, "HAS_BIAS": bias, "HAS_ADD": False, "STORE_Y": store_y, "SWIGLU": swiglu}
                     for bias in (True, False) for store_y, swiglu in ((True, False), (True, True), (False, True))] + \
-                   [{"GATHER": True, "HAS_BIAS": True, "HAS_ADD": False, "STORE_Y": store_y, "SWIGLU": True}
-                    for store_y in (True, False)] + \
+                   [{"GATHER": True, "HAS_BIAS": True, "HAS_ADD": add, "STORE_Y": store_y, "SWIGLU": True}
+                    for add in (False, True) for store_y in (True, False)] + \
                    [{"GATHER": False, "HAS_BIAS": bias, "HAS_ADD": True, "STORE_Y": True, "SWIGLU": False}
                     for bias in (True, False)]
 TRANSPOSED_VARIANTS = [{"GATHER": False}, {"GATHER": True}]
@@ -394,13 +395,13 @@ def grouped_mm(x, w, offsets, bias=None, tiles: dict | None = None, src=None, ad
 
 
 def grouped_mm_swiglu(x, w, offsets, bias, alpha: float, limit: float, keep_y=True, tiles: dict | None = None,
-                      src=None):
+                      src=None, add=None):
     """The expert MLP's first half: y = x @ W[e] + bias[e] (gate and up interleaved) and h = SwiGLU(y).
 
     Returns (y, h), y None unless `keep_y` (the backward needs it; a forward without gradient does not).
-    src as for `grouped_mm`.
+    src and add as for `grouped_mm`.
     """
-    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src)
+    return _forward(x, w, offsets, bias, (alpha, limit), keep_y, tiles, src, add)
 
 
 def grouped_mm_t(dy, w, offsets, tiles: dict | None = None, src=None):

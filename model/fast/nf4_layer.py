@@ -7,13 +7,15 @@ dense twin (model/fast/dense_gemm.py: the layer dequantised, then torch._grouped
 `project` is one expert projection, x @ W[e] (+ bias[e]), both ways from the 4-bit codes.
 `expert_layer` is a whole layer of frozen NF4 experts (LoRA's case), from the routing to the weighted
 sum, with a backward of its own that keeps only gate_up's output and skips down in gradient
-checkpointing's recomputation. Their plain twin is `NF4Experts`' dequantise-then-multiply path.
+checkpointing's recomputation; expert LoRA's low-rank terms ride in it (`lora`). Their plain twin is
+`NF4Experts`' dequantise-then-multiply path.
 """
 from __future__ import annotations
 
 import torch
 
-from . import nf4_gemm
+from . import dense_gemm, nf4_gemm
+from .dense_gemm import outer, product
 from .recompute import in_recomputation
 from ..moe import skip_padding, sort_by_expert, sum_per_token, weighted_sum
 
@@ -34,11 +36,13 @@ def project(x, w, offsets, bias, expert, gemm=nf4_gemm, add=None):
     return y + bias[expert].to(y.dtype)
 
 
-def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=None):
+def expert_layer(x, weights, idx, layer, gate_up, down, gemm=nf4_gemm, padding=None, lora=None):
     """A layer of frozen experts, weights gate_up and down read by `gemm`'s kernels: x (tokens, hidden)
     in the weights' dtype -> (tokens, hidden). padding (tokens,) bool: tokens given no expert, whose
-    output and gradients are zeros (a packed row's padding: no work spent on it)."""
-    return _NF4ExpertLayer.apply(x, weights, idx, layer, gate_up, down, gemm, padding)
+    output and gradients are zeros (a packed row's padding: no work spent on it). lora: expert LoRA's
+    factors (A gate_up, B gate_up, A down, B down) in x's dtype, A (experts, in, rank), B (experts, rank,
+    out) with the scaling in it, None for a matrix not adapted (lora/layers.py's LoRAExperts.factors)."""
+    return _NF4ExpertLayer.apply(x, weights, idx, layer, gate_up, down, gemm, padding, *(lora or (None,) * 4))
 
 
 class _FusedNF4(torch.autograd.Function):
@@ -73,43 +77,75 @@ class _NF4ExpertLayer(torch.autograd.Function):
     no kernel reads or writes, so the buffers hold whatever was there; every result leaves this layer
     through a mask (output, input and routing gradients zero on those tokens), never through arithmetic
     on those rows that could carry a NaN out.
+
+    Expert LoRA (a_gu, b_gu, a_d, b_d; `expert_layer`) adds (rows @ A[e]) @ B[e] to each adapted
+    projection inside its product (the `add` term), so the layer keeps this shape: gate_up's output y
+    and its rows' low-rank inner product u_gu (rows, rank) are kept, down is again skipped in the
+    recomputation, and the backward adds the adapters' small products beside the frozen ones: down's
+    input gradient gains (d_out @ B_d^T) @ A_d^T before the SwiGLU's backward (so the routing weight's
+    gradient sees the adapted down), gate_up's (dy @ B_gu^T) @ A_gu^T. The adapters' own gradients are
+    per-expert sums over rows (`outer`); down's read h = SwiGLU(y), rebuilt from y by the epilogue kernel.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, idx, layer, gate_up, down, gemm, padding):
+    def forward(ctx, x, weights, idx, layer, gate_up, down, gemm, padding, a_gu, b_gu, a_d, b_d):
         """x (tokens, hidden) in the weights' compute dtype, routing weights and indices (tokens, k)."""
         k = idx.shape[1]
         routed = skip_padding(idx, padding, layer.num_experts)
         order, _, _, offsets, inverse = sort_by_expert(routed, layer.num_experts)
         src = (order // k).to(torch.int32)        # each (token, expert) pair's token: the rows the kernels read
-        keep = any(ctx.needs_input_grad[:2])
+        keep = any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[8:])
+        u_gu = None if a_gu is None else product(x[src], a_gu, offsets)       # (rows, rank)
+        add = None if a_gu is None else product(u_gu, b_gu, offsets)
         y, h = gemm.grouped_mm_swiglu(x.contiguous(), gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                      layer.alpha, layer.limit, keep_y=keep, src=src)   # rows: (token, expert) pairs
+                                      layer.alpha, layer.limit, keep_y=keep, src=src, add=add)   # rows: (token, expert) pairs
+        del add
         if keep:
-            ctx.save_for_backward(y, weights, idx, order, src, offsets, inverse, padding)
+            ctx.save_for_backward(y, weights, idx, order, src, offsets, inverse, padding,
+                                  None if a_gu is None else x, u_gu, a_gu, b_gu, a_d, b_d)
             ctx.layer, ctx.matrices, ctx.gemm = layer, (gate_up, down), gemm
         if in_recomputation():
             # The recomputation wanted the saved tensors and stops once it has them; the block's last
             # saving op is this one, so the output is never used. NaN makes any misuse loud.
             return torch.full_like(x, float("nan"))
-        out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype))
-        del h
+        add = None if a_d is None else product(product(h, a_d, offsets), b_d, offsets)
+        out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype), add=add)
+        del h, add
         return masked(weighted_sum(out, weights, inverse, x), padding)
 
     @staticmethod
     def backward(ctx, d_out):
-        y, weights, idx, order, src, offsets, inverse, padding = ctx.saved_tensors
+        y, weights, idx, order, src, offsets, inverse, padding, x, u_gu, *lora = ctx.saved_tensors
+        a_gu, b_gu, a_d, b_d = lora
         layer, (n, k), gemm = ctx.layer, idx.shape, ctx.gemm
         gate_up, down = ctx.matrices
-        g = gemm.grouped_mm_t(d_out.contiguous(), down, offsets, src=src)   # d_out @ W_down^T, by (token, expert) row
-        dy, gh = nf4_gemm.mlp_backward(y, g, weights.reshape(-1)[order], layer.alpha, layer.limit)
+        w = weights.reshape(-1)[order]            # each row's routing weight
+        d_out = d_out.contiguous()
+        g = gemm.grouped_mm_t(d_out, down, offsets, src=src)   # d_out @ W_down^T, by (token, expert) row
+        da_d = db_d = None
+        if a_d is not None:                        # down's adapter: out += (h @ A_d) @ B_d, weighted by w
+            rows = d_out[src]
+            v = product(rows, b_d.transpose(1, 2), offsets)                      # (rows, rank)
+            g += product(v, a_d.transpose(1, 2), offsets)
+            h = dense_gemm.epilogue(y, offsets, None, None, (layer.alpha, layer.limit))
+            wv = w[:, None].to(v.dtype)
+            db_d = outer(product(h, a_d, offsets) * wv, rows, offsets)
+            da_d = outer(h, v * wv, offsets)
+            del rows, v, h
+        dy, gh = nf4_gemm.mlp_backward(y, g, w, layer.alpha, layer.limit)
         del g                      # (each (rows, ...) buffer goes as soon as it is used: at 128k tokens each is GBs)
         dxs = gemm.grouped_mm_t(dy, gate_up, offsets)
+        da_gu = db_gu = None
+        if a_gu is not None:                       # gate_up's adapter: y += (x @ A_gu) @ B_gu
+            v = product(dy, b_gu.transpose(1, 2), offsets)
+            dxs += product(v, a_gu.transpose(1, 2), offsets)
+            db_gu, da_gu = outer(u_gu, dy, offsets), outer(x[src], v, offsets)
+            del v
         del dy
         # each token's k rows summed by gathering them back into (token, slot) order: no atomics
         dx = masked(sum_per_token(dxs, inverse, k), padding)
         dw = masked(gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx), padding)
-        return dx, dw.to(weights.dtype), None, None, None, None, None, None
+        return dx, dw.to(weights.dtype), None, None, None, None, None, None, da_gu, db_gu, da_d, db_d
 
 
 def masked(t, padding):

@@ -72,9 +72,9 @@ def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: di
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
-    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward (both take it), then where
-    torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's (dense_gemm.py): both
-    dequantisations and the epilogue's variants."""
+    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward and expert LoRA's SwiGLU of y
+    (both take them), then where torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's
+    (dense_gemm.py): both dequantisations and the epilogue's variants."""
     out = []
     for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
         tiles, tiles_t = module.tiles_for(capability)
@@ -86,6 +86,8 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
             out.append((name, module._grouped_mm_t_kernel, constexprs, tiles_t))
     out.append(("mlp backward", nf4_gemm._mlp_backward_kernel, {"AT_BOUND_PASSES": nf4_gemm.CLAMP_PASSES_AT_BOUND},
                 nf4_gemm.MLP_BACKWARD_TILES))
+    out.append(("swiglu of y (expert lora)", dense_gemm._epilogue_kernel, {**dense_gemm.SWIGLU_ONLY, "EP": 32},
+                dense_gemm.EPILOGUE_TILES))
     if capability[0] in (9, 10):
         out.append(("dequantize", nf4_gemm._dequantize_kernel, {}, nf4_gemm.DEQUANTIZE_TILES))
         out.append(("mxfp4 dequantize", mxfp4_gemm._dequantize_kernel, {}, mxfp4_gemm.DEQUANTIZE_TILES))

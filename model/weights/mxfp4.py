@@ -154,13 +154,19 @@ class MXFP4Experts(Experts):
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
+        out = self.fused_layer(x, weights, idx, fast, padding)
+        return super().forward(x, weights, idx, fast) if out is None else out
+
+    def fused_layer(self, x, weights, idx, fast, padding=None, lora=None):
+        """As NF4Experts.fused_layer: the layer as one autograd function where it runs, else None."""
         gate_up, down = self.mxfp4["gate_up_proj"], self.mxfp4["down_proj"]
         xc = x.to(gate_up.dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
-        if frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down,
-                                          gemm=dense_gemm.for_base(mxfp4_gemm, fast), padding=padding).to(x.dtype)
-        return super().forward(x, weights, idx, fast)
+        if not (frozen and nf4_layer.kernels_run(xc, fast)):
+            return None
+        gemm = dense_gemm.for_base(mxfp4_gemm, fast)
+        factors = None if lora is None else lora(xc.dtype)
+        return nf4_layer.expert_layer(xc, weights, idx, self, gate_up, down, gemm, padding, factors).to(x.dtype)
 
 
 def mxfp4_bytes(model: nn.Module) -> int:

@@ -162,13 +162,20 @@ class NF4Experts(Experts):
 
     def forward(self, x, weights, idx, fast=None, padding=None):
         """Experts.forward; where the kernels run and the biases are frozen (LoRA's case), one fused layer."""
+        out = self.fused_layer(x, weights, idx, fast, padding)
+        return super().forward(x, weights, idx, fast) if out is None else out
+
+    def fused_layer(self, x, weights, idx, fast, padding=None, lora=None):
+        """The layer as one autograd function (nf4_layer.expert_layer) where the kernels run on one group
+        and the biases are frozen, else None. lora(dtype): expert LoRA's factors in that dtype."""
         gate_up, down = self.nf4["gate_up_proj"], self.nf4["down_proj"]
         xc = x.to(gate_up[0].dtype)
         frozen = not (self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad)
-        if len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast):
-            return nf4_layer.expert_layer(xc, weights, idx, self, gate_up[0], down[0],
-                                          gemm=dense_gemm.for_base(nf4_gemm, fast), padding=padding).to(x.dtype)
-        return super().forward(x, weights, idx, fast)
+        if not (len(gate_up) == len(down) == 1 and frozen and nf4_layer.kernels_run(xc, fast)):
+            return None
+        gemm = dense_gemm.for_base(nf4_gemm, fast)
+        factors = None if lora is None else lora(xc.dtype)
+        return nf4_layer.expert_layer(xc, weights, idx, self, gate_up[0], down[0], gemm, padding, factors).to(x.dtype)
 
 
 def nf4_bytes(model: nn.Module) -> int:
