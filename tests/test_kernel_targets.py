@@ -29,14 +29,15 @@ def compiled(capability, index):
 
 
 @pytest.mark.parametrize("sizes", [{"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880,  # 20b gate_up
-                                    "n_blocks": 32 * 2880 * 5760 // 64},
+                                    "n_blocks": 32 * 2880 * 5760 // 64, "tokens": 2048, "H": 2880},
                                    {"K": 2880, "N": 2880, "num_experts": 128, "rows": 1000, "inter": 2880,  # 120b down
-                                    "n_blocks": 128 * 2880 * 2880 // 64}])
+                                    "n_blocks": 128 * 2880 * 2880 // 64, "tokens": 250, "H": 2880}])
 def test_the_compiled_signature_is_the_jits_specialisation(sizes):
     """What the targets compile is what the JIT builds at run time from real arguments: Triton's own
     specialisation of each argument (torch tensors from the allocator, gpt-oss's sizes, the floats)."""
     real = {"alpha": 1.702, "limit": 7.0, **sizes}
-    dtypes = {"*bf16": torch.bfloat16, "*u8": torch.uint8, "*fp32": torch.float32, "*i32": torch.int32}
+    dtypes = {"*bf16": torch.bfloat16, "*u8": torch.uint8, "*fp32": torch.float32, "*i32": torch.int32,
+              "*i64": torch.int64}
     for _, kernel, constexprs, tiles in targets.launches((9, 0)):     # every variant of every kernel
         block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
         src = targets.source(kernel, {**constexprs, **block}, sizes)
@@ -69,10 +70,10 @@ def test_every_launch_compiles_and_fits_the_generation(capability):
     launches = targets.launches(capability)
     dense = 2 + len(dense_gemm.EPILOGUE_VARIANTS) if capability[0] in (9, 10) else 0   # sm_90/100's dense path
     assert len(launches) == sum(len(m.FORWARD_VARIANTS) + len(m.TRANSPOSED_VARIANTS) for m in (nf4_gemm, mxfp4_gemm)) \
-        + 2 + dense
+        + 2 + len(nf4_gemm.SUM_ROWS_VARIANTS) + dense
     for index in range(len(launches)):
         name, tiles, usage = compiled(capability, index)
-        assert 0 < usage["shared"] <= limit, (name, tiles, usage, limit)
+        assert usage["shared"] <= limit, (name, tiles, usage, limit)     # (the rows' sums need none)
         assert usage["registers"] <= 255, (name, usage)
         if capability[0] != 9 or not name.startswith(("y=", "dx=")):
             # The H100's NF4 tiles were tuned with the few bytes some variants spill there; elsewhere,

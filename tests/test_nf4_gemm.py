@@ -126,6 +126,20 @@ def test_every_generations_tiles_give_the_same_products(gemm):
     assert len(seen) == 3, seen       # Hopper's, data-center Blackwell's and the rest
 
 
+def test_sum_rows_equals_the_gathered_sums(gemm):
+    """Each token's k rows summed (weighted: the layer's output; not: its input's gradient) in one
+    kernel, equal to moe.weighted_sum and moe.sum_per_token, with widths that leave partial tiles."""
+    from model.moe import sort_by_expert, sum_per_token, weighted_sum
+    torch.manual_seed(4)
+    n, k, dim = 37, 4, 300
+    idx = torch.stack([torch.randperm(8)[:k] for _ in range(n)])
+    _, _, _, _, inverse = sort_by_expert(idx, 8)
+    rows, weights = torch.randn(n * k, dim), torch.rand(n, k)
+    torch.testing.assert_close(gemm.sum_rows(rows, inverse, k, weights), weighted_sum(rows, weights, inverse, rows),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gemm.sum_rows(rows, inverse, k), sum_per_token(rows, inverse, k), rtol=1e-6, atol=1e-6)
+
+
 def test_scales_undo_the_double_quantisation(gemm):
     torch.manual_seed(1)
     w = NF4Tensor(torch.randn(2, 64, 512), compute_dtype=torch.float32)

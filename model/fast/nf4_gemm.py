@@ -17,6 +17,7 @@ elements 2b (high nibble) and 2b + 1 (low nibble), and a block's scale is its fp
 
     grouped_mm_swiglu(x, w, offsets, bias, alpha, limit)   y as grouped_mm's, and h = SwiGLU(y)
     mlp_backward(y, g, w, alpha, limit)  the expert MLP's backward past down: dy and <g, SwiGLU(y)> per row
+    sum_rows(rows, inverse, k, weights)  each token's k expert rows summed (weighted): out, or dx
 
 The forward and transposed products may read their rows in place (`src`: each sorted row's row of x,
 so the expert layer never copies x[order // k]), and the forward may add a (rows, out) term before
@@ -132,6 +133,23 @@ if triton is not None:
             d_up = tl.where(pass_up, dh * gc * s, 0.0)
             tl.store(dy_ptr + at_y, tl.reshape(tl.join(d_gate, d_up), (BR, 2 * BI)).to(dtype), mask=ok_y)
         tl.store(gh_ptr + r, gh, mask=r_ok)
+
+    @triton.jit
+    def _sum_rows_kernel(rows_ptr, inverse_ptr, w_ptr, out_ptr, tokens, H, K: tl.constexpr, WEIGHTED: tl.constexpr,
+                         BT: tl.constexpr, BH: tl.constexpr):
+        # out[t] = sum over j < K of rows[inverse[t K + j]] (times w[t, j] if WEIGHTED), in fp32, j in order
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        c = tl.program_id(1) * BH + tl.arange(0, BH)
+        t_ok = t < tokens
+        ok = t_ok[:, None] & (c < H)[None, :]
+        acc = tl.full((BT, BH), 0.0, tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(inverse_ptr + t * K + j, mask=t_ok, other=0).to(tl.int64)
+            v = tl.load(rows_ptr + r[:, None] * H + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                v *= tl.load(w_ptr + t * K + j, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+            acc += v
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * H + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, absmax_offset, code_ptr, expert, ks, k_ok, n0, K, N, dtype,
@@ -361,6 +379,25 @@ def mlp_backward(y, g, w, alpha: float, limit: float):
     _mlp_backward_kernel[(triton.cdiv(rows, t["BR"]),)](y, g, w.contiguous(), dy, gh, rows, inter, alpha, limit,
                                                          AT_BOUND_PASSES=CLAMP_PASSES_AT_BOUND, **t)
     return dy, gh
+
+
+SUM_ROWS_TILES = {"BT": 8, "BH": 256, "num_warps": 4}
+SUM_ROWS_VARIANTS = [{"WEIGHTED": True}, {"WEIGHTED": False}]    # the layer's output; the input's gradient
+
+
+def sum_rows(rows, inverse, k: int, weights=None):
+    """Each token's k rows summed (times its routing weights, if given), in one kernel: rows (tokens*k,
+    dim) in moe.sort_by_expert's order, inverse its inverse permutation, weights (tokens, k) -> (tokens,
+    dim) in rows' dtype. moe.weighted_sum and moe.sum_per_token's twin: a fixed order (slot 0 first) in
+    fp32, without their gathered copy of the rows, product and separate reduction."""
+    n, dim = inverse.numel() // k, rows.shape[1]
+    assert rows.is_contiguous() and inverse.is_contiguous() and inverse.numel() == n * k, (rows.shape, inverse.shape)
+    out = rows.new_empty(n, dim)
+    t = SUM_ROWS_TILES
+    w = weights.contiguous() if weights is not None else rows
+    _sum_rows_kernel[(triton.cdiv(n, t["BT"]), triton.cdiv(dim, t["BH"]))](rows, inverse, w, out, n, dim, K=k,
+                                                                          WEIGHTED=weights is not None, **t)
+    return out
 
 
 def operands(w, device) -> tuple:

@@ -17,7 +17,7 @@ import torch
 from . import dense_gemm, nf4_gemm
 from .dense_gemm import outer, product
 from .recompute import in_recomputation
-from ..moe import skip_padding, sort_by_expert, sum_per_token, weighted_sum
+from ..moe import skip_padding, sort_by_expert
 
 
 def kernels_run(x, fast) -> bool:
@@ -111,7 +111,7 @@ class _NF4ExpertLayer(torch.autograd.Function):
         add = None if a_d is None else product(product(h, a_d, offsets), b_d, offsets)
         out = gemm.grouped_mm(h, down, offsets, layer.down_proj_bias.to(x.dtype), add=add)
         del h, add
-        return masked(weighted_sum(out, weights, inverse, x), padding)
+        return masked(nf4_gemm.sum_rows(out, inverse, k, weights), padding)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -142,8 +142,8 @@ class _NF4ExpertLayer(torch.autograd.Function):
             db_gu, da_gu = outer(u_gu, dy, offsets), outer(x[src], v, offsets)
             del v
         del dy
-        # each token's k rows summed by gathering them back into (token, slot) order: no atomics
-        dx = masked(sum_per_token(dxs, inverse, k), padding)
+        # each token's k rows summed in (token, slot) order: no atomics
+        dx = masked(nf4_gemm.sum_rows(dxs, inverse, k), padding)
         dw = masked(gh[inverse].view(n, k) + (d_out.float() @ layer.down_proj_bias.float().T).gather(1, idx), padding)
         return dx, dw.to(weights.dtype), None, None, None, None, None, None, da_gu, db_gu, da_d, db_d
 

@@ -27,14 +27,14 @@ SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 9): 101_376, (9, 0): 232_
 # The arguments' types at run time (bf16 activations, NF4 codes as bytes, fp32 scales and code book;
 # MXFP4 codes and scales as bytes, fp32 e2m1 values; bf16 routing weights, fp32 <g, h>) and gpt-oss's
 # sizes: K = 2880 in, N = 5760 (gate_up) or 2880 (down) out, 32 or 128 experts; the MLP backward's
-# rows (8,192: 2,048 tokens, top-4) and intermediate width.
+# rows (8,192: 2,048 tokens, top-4) and intermediate width; the rows' sums' tokens and width.
 POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "src_ptr": "*i32", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
             "absmax_offset_ptr": "*fp32", "code_ptr": "*fp32", "offsets_ptr": "*i32", "bias_ptr": "*bf16",
             "add_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16", "blocks_ptr": "*u8",
             "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16", "gh_ptr": "*fp32",
-            "out_ptr": "*bf16"}
+            "out_ptr": "*bf16", "rows_ptr": "*bf16", "inverse_ptr": "*i64"}
 GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880,
-                "n_blocks": 32 * 2880 * 5760 // 64}
+                "n_blocks": 32 * 2880 * 5760 // 64, "tokens": 2048, "H": 2880}
 
 
 def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
@@ -72,8 +72,8 @@ def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: di
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
-    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward and expert LoRA's SwiGLU of y
-    (both take them), then where torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's
+    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward, expert LoRA's SwiGLU of y and
+    the sums of each token's rows (both take them), then where torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's
     (dense_gemm.py): both dequantisations and the epilogue's variants."""
     out = []
     for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
@@ -88,6 +88,9 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
                 nf4_gemm.MLP_BACKWARD_TILES))
     out.append(("swiglu of y (expert lora)", dense_gemm._epilogue_kernel, {**dense_gemm.SWIGLU_ONLY, "EP": 32},
                 dense_gemm.EPILOGUE_TILES))
+    for constexprs in nf4_gemm.SUM_ROWS_VARIANTS:
+        name = "sum rows" + " weighted" * constexprs["WEIGHTED"]
+        out.append((name, nf4_gemm._sum_rows_kernel, {**constexprs, "K": 4}, nf4_gemm.SUM_ROWS_TILES))
     if capability[0] in (9, 10):
         out.append(("dequantize", nf4_gemm._dequantize_kernel, {}, nf4_gemm.DEQUANTIZE_TILES))
         out.append(("mxfp4 dequantize", mxfp4_gemm._dequantize_kernel, {}, mxfp4_gemm.DEQUANTIZE_TILES))
