@@ -126,7 +126,9 @@ def sort_by_expert(idx, num_experts: int):
     An index of num_experts means no expert (`skip_padding`): such pairs sort last, past the last
     offset, where the grouped kernels neither read nor write."""
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # sorted as int16 (any expert count fits): a radix sort's passes go with the key's bytes, and a
+    # stable sort of the same values gives the same order
+    order = torch.argsort(flat.to(torch.int16), stable=True)
     # (bincount would read the largest index back to the host: a sync per layer)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).index_add_(
         0, flat, torch.ones_like(flat))[:num_experts]

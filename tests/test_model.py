@@ -10,7 +10,7 @@ from model.attention import eager_attention
 from model.fast.cuda_graph import GraphedStep, graph_problem, padded_step_inputs
 from model.gpt_oss import PADDING_DOC
 from model.loss import chunked_cross_entropy, cross_entropy_rows, target_rows
-from model.moe import moe_reference
+from model.moe import moe_reference, sort_by_expert
 from model.weights.nf4 import NF4Experts
 from model.rope import yarn_inv_freq
 
@@ -138,6 +138,18 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_model):
     x = torch.randn(2, 25, tiny_model.config.hidden_size) * 3  # large enough to hit the swiglu clamp
     mlp = tiny_model.model.layers[0].mlp
     assert torch.allclose(mlp(x), moe_reference(mlp, x), atol=1e-5)
+
+
+def test_sort_by_expert_is_a_stable_sort_with_counts_and_inverse():
+    """120b's 128 experts and the "no expert" index past them: the (token, expert) pairs in expert order,
+    ties in their original order, the counts per expert, and the inverse permutation."""
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(129)[:4] for _ in range(300)])
+    order, expert, counts, offsets, inverse = sort_by_expert(idx, 128)
+    flat = idx.reshape(-1)
+    assert torch.equal(order, torch.argsort(flat, stable=True)) and torch.equal(expert, flat[order])
+    assert torch.equal(counts, torch.bincount(flat, minlength=129)[:128]) and offsets[-1] == counts.sum()
+    assert torch.equal(order[inverse], torch.arange(len(flat)))
 
 
 def test_sliding_window_sees_the_last_n_tokens():
