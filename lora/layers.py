@@ -119,7 +119,9 @@ class LoRAExperts(nn.Module):
     A (experts, in, rank), B (experts, rank, out) in the experts' own layout (y = x @ W). Both
     products run over the expert-sorted rows with the base's counts and offsets: on CUDA in bf16 each
     is one grouped kernel, as the base's are; elsewhere `grouped_matmul`'s per-expert loop runs.
-    The routing, sorting and SwiGLU are `Experts.forward`'s; only `gate_up` and `down` change here.
+    Over NF4 or MXFP4 experts on their kernels (and without dropout) the terms ride in the frozen
+    experts' own layer (`factors`, model/fast/nf4_layer.py); elsewhere the routing, sorting and SwiGLU
+    are `Experts.forward`'s, and only `gate_up` and `down` change here.
     """
 
     def __init__(self, base_layer: Experts, rank: int, alpha: float, dropout: float = 0.0,

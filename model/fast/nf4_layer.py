@@ -97,8 +97,9 @@ class _NF4ExpertLayer(torch.autograd.Function):
         keep = any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[8:])
         u_gu = None if a_gu is None else product(x[src], a_gu, offsets)       # (rows, rank)
         add = None if a_gu is None else product(u_gu, b_gu, offsets)
+        # rows: (token, expert) pairs
         y, h = gemm.grouped_mm_swiglu(x.contiguous(), gate_up, offsets, layer.gate_up_proj_bias.to(x.dtype),
-                                      layer.alpha, layer.limit, keep_y=keep, src=src, add=add)   # rows: (token, expert) pairs
+                                      layer.alpha, layer.limit, keep_y=keep, src=src, add=add)
         del add
         if keep:
             ctx.save_for_backward(y, weights, idx, order, src, offsets, inverse, padding,
