@@ -20,6 +20,7 @@ from .fast.recompute import mark_recomputation
 from .loss import chunked_cross_entropy, cross_entropy_rows
 from .moe import MLP
 from .rope import rotary_cos_sin
+from .weights.nf4 import NF4Linear
 
 # In packed rows, a document number this high or higher is padding (data.batches.PADDING_DOC writes it):
 # no real token sees it, and the experts skip it where their fused layer runs.
@@ -149,6 +150,9 @@ class GptOss(nn.Module):
         them as any token).
         """
         fast = self.fast(x.device)
+        for m in self.modules():   # the attention's NF4 weights: one kernel each, where the NF4 kernels run
+            if isinstance(m, NF4Linear):
+                m.kernel = fast.nf4_kernels
         flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)
         cos, sin = self.rotary(x.shape[1], x.device, x.dtype)       # (seq, head_dim / 2)
         if positions is not None:  # a gather from the kept table: no table built, so a graph may capture it

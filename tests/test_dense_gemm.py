@@ -59,6 +59,34 @@ def test_dequantize_is_bitsandbytes_and_dequantize_mxfp4s_own_bit_for_bit(dense)
     assert torch.equal(got, m.dequantize()) and got.shape == (3, 96, 192) and got.stride() == (96 * 192, 1, 96)
 
 
+def test_the_attentions_nf4_weights_take_the_one_kernel_where_the_nf4_kernels_run(dense):
+    """NF4Linear dequantised by nf4_gemm.dequantize gives bitsandbytes' output and input gradient bit for bit
+    (300 blocks: the second-level scales' last group partial); the model sets the switch from its fast
+    paths on each forward."""
+    from model.weights.nf4 import NF4Linear
+    torch.manual_seed(3)
+    layer = NF4Linear(128, 150, bias=torch.randn(150))
+    layer.set_weight(torch.randn(150, 128), compute_dtype=torch.float32)
+    x = torch.randn(5, 128)
+    out = []
+    for kernel in (False, True):
+        layer.kernel = kernel
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        out.append((y, xi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    model = GptOss(GptOssConfig.from_name("tiny"))
+    q = model.model.layers[0].self_attn.q_proj
+    layer = NF4Linear(q.in_features, q.out_features)
+    layer.set_weight(q.weight.data, compute_dtype=torch.float32)
+    model.model.layers[0].self_attn.q_proj = layer
+    for paths in (DENSE, gate.cpu_paths()):
+        model.fast_paths = paths
+        model(torch.tensor([[1, 2, 3]]))
+        assert layer.kernel is paths.nf4_kernels
+
+
 @pytest.mark.parametrize("storage", ["nf4", "mxfp4"])
 def test_products_equal_dequantise_then_multiply(dense, storage):
     """The three products, with a frozen bias, an added term and the SwiGLU in the epilogue, rows read

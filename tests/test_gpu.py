@@ -181,6 +181,18 @@ def expert_lora(base, seed=7):
     return layer
 
 
+def test_the_attentions_one_kernel_dequantisation_is_bitsandbytes_bit_for_bit():
+    """nf4_gemm.dequantize (the double quantisation undone inside, no fused multiply-adds) against
+    bitsandbytes' CUDA dequantisation, at gpt-oss-20b's q, k and o shapes in bf16."""
+    from model.fast import nf4_gemm
+    from model.weights.nf4 import NF4Tensor
+    g = torch.Generator("cuda").manual_seed(8)
+    for shape in ((4096, 2880), (512, 2880), (2880, 4096)):
+        w = NF4Tensor(torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+        got = nf4_gemm.dequantize(w)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, w.dequantize()), shape
+
+
 @pytest.mark.parametrize("dense_path", [False, True])
 def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts(dense_path):
     """Expert LoRA in the fused NF4 layer (the low-rank terms added in the kernels' epilogue, the

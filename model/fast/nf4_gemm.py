@@ -176,14 +176,20 @@ if triton is not None:
         return hi.to(dtype), lo.to(dtype)                             # columns n0 + 2j and n0 + 2j + 1
 
     @triton.jit
-    def _dequantize_kernel(packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, out_ptr, n_blocks, BB: tl.constexpr):
-        """BB blocks of 64 weights a program, in their stored order (32 bytes and one scale each), with
-        _dequant_tile's arithmetic: bit-identical to bitsandbytes' dequantisation."""
+    def _dequantize_kernel(packed_ptr, qabsmax_ptr, absmax2_ptr, code2_ptr, absmax_offset_ptr, code_ptr, out_ptr,
+                           n_blocks, BLOCK2: tl.constexpr, BB: tl.constexpr):
+        """BB blocks of 64 weights a program, in their stored order (32 bytes and one scale each), the
+        double quantisation undone here too: each block's 8-bit scale code through its 256-value code
+        book, times its group of BLOCK2 blocks' fp32 absmax, plus the offset, then _dequant_tile's
+        arithmetic. Launched without fused multiply-adds (DEQUANTIZE_TILES), so the product and the sum
+        round separately as in bitsandbytes' two kernels: bit-identical to its dequantisation."""
         b = tl.program_id(0) * BB + tl.arange(0, BB)
         ok = b < n_blocks
         byte = tl.load(packed_ptr + b.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok[:, None],
                        other=0).to(tl.int32)
-        scale = (tl.load(absmax_ptr + b, mask=ok, other=0.0) + tl.load(absmax_offset_ptr))[:, None]
+        q = tl.load(qabsmax_ptr + b, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + b // BLOCK2, mask=ok, other=0.0)
+        scale = (scale + tl.load(absmax_offset_ptr))[:, None]
         code = tl.load(code_ptr + tl.arange(0, 16))
         hi = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BB * 32,)), 0), (BB, 32)) * scale
         lo = tl.reshape(tl.gather(code, tl.reshape(byte & 15, (BB * 32,)), 0), (BB, 32)) * scale
@@ -406,16 +412,23 @@ def operands(w, device) -> tuple:
     return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
 
 
-DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4}     # blocks of 64 a program (bench/dequantize_tiles.py)
+# blocks of 64 a program (bench/dequantize_tiles.py); no fused multiply-adds (the scale's product and sum
+# round separately, as bitsandbytes' do)
+DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4, "enable_fp_fusion": False}
 
 
 def dequantize(w, tiles: dict | None = None):
-    """The whole NF4Tensor w in its compute dtype, (experts, in, out), in one kernel: for
-    model/fast/dense_gemm.py, which multiplies it with torch._grouped_mm."""
-    packed, d, offset, code = operands(w, w.packed.device)
-    out = torch.empty(w.shape, device=packed.device, dtype=w.dtype)
+    """The whole NF4Tensor w in its compute dtype and shape in one kernel, scales decoded inside:
+    bit-identical to bitsandbytes' dequantisation (two kernels, and an fp32 copy of the scales) where
+    its rows hold whole blocks (bitsandbytes' CPU build lays out blocks that span rows otherwise), for
+    model/fast/dense_gemm.py, which multiplies it with torch._grouped_mm, and the attention's NF4Linear."""
+    s = w.state
+    assert s.nested and w.shape[-1] % BLOCKSIZE == 0, "the kernel takes double-quantised rows of whole blocks"
+    out = torch.empty(w.shape, device=w.packed.device, dtype=w.dtype)
     n_blocks, t = out.numel() // BLOCKSIZE, tiles or DEQUANTIZE_TILES
-    _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](packed, d, offset, code, out, n_blocks, **t)
+    _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](
+        w.packed, s.absmax, s.state2.absmax, s.state2.code, s.offset.float().reshape(1),
+        s.code.to(device=w.packed.device, dtype=torch.float32), out, n_blocks, BLOCK2=s.state2.blocksize, **t)
     return out
 
 

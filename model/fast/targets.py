@@ -32,7 +32,8 @@ POINTERS = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "src_ptr": "*i32", "packed_ptr"
             "absmax_offset_ptr": "*fp32", "code_ptr": "*fp32", "offsets_ptr": "*i32", "bias_ptr": "*bf16",
             "add_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "dx_ptr": "*bf16", "blocks_ptr": "*u8",
             "scales_ptr": "*u8", "lut_ptr": "*fp32", "g_ptr": "*bf16", "w_ptr": "*bf16", "gh_ptr": "*fp32",
-            "out_ptr": "*bf16", "rows_ptr": "*bf16", "inverse_ptr": "*i64"}
+            "out_ptr": "*bf16", "rows_ptr": "*bf16", "inverse_ptr": "*i64", "qabsmax_ptr": "*u8",
+            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32"}
 GPT_OSS_INTS = {"K": 2880, "N": 5760, "num_experts": 32, "rows": 8192, "inter": 2880,
                 "n_blocks": 32 * 2880 * 5760 // 64, "tokens": 2048, "H": 2880}
 
@@ -62,19 +63,23 @@ def source(kernel, constexprs: dict, ints: dict = GPT_OSS_INTS) -> ASTSource:
     return ASTSource(kernel, signature, constexprs, attrs)
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")   # in a tiles dict: the launch's, not arguments
+
+
 def compile_for(capability: tuple[int, int], kernel, constexprs: dict, tiles: dict, ints: dict = GPT_OSS_INTS):
     """triton.compile of one kernel variant with these tiles, for sm_{major}{minor}."""
-    block = {k: v for k, v in tiles.items() if k not in ("num_warps", "num_stages")}
-    options = {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles}   # else the JIT's defaults
+    block = {k: v for k, v in tiles.items() if k not in LAUNCH_OPTIONS}
+    options = {k: tiles[k] for k in LAUNCH_OPTIONS if k in tiles}   # else the JIT's defaults
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     return triton.compile(source(kernel, {**constexprs, **block}, ints), target=target, options=options)
 
 
 def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, tiles) of every variant nf4_gemm launches on this generation, then
-    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward, expert LoRA's SwiGLU of y and
-    the sums of each token's rows (both take them), then where torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's
-    (dense_gemm.py): both dequantisations and the epilogue's variants."""
+    mxfp4_gemm's (named "mxfp4 ..."), then the expert MLP's backward, expert LoRA's SwiGLU of y, the
+    sums of each token's rows (both take them) and NF4's one-kernel dequantisation (the attention's NF4
+    weights'), then where torch._grouped_mm is one kernel (sm_90, sm_100) the dense path's
+    (dense_gemm.py): MXFP4's dequantisation and the epilogue's variants."""
     out = []
     for module, prefix in ((nf4_gemm, ""), (mxfp4_gemm, "mxfp4 ")):
         tiles, tiles_t = module.tiles_for(capability)
@@ -91,8 +96,8 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
     for constexprs in nf4_gemm.SUM_ROWS_VARIANTS:
         name = "sum rows" + " weighted" * constexprs["WEIGHTED"]
         out.append((name, nf4_gemm._sum_rows_kernel, {**constexprs, "K": 4}, nf4_gemm.SUM_ROWS_TILES))
+    out.append(("dequantize", nf4_gemm._dequantize_kernel, {"BLOCK2": 256}, nf4_gemm.DEQUANTIZE_TILES))
     if capability[0] in (9, 10):
-        out.append(("dequantize", nf4_gemm._dequantize_kernel, {}, nf4_gemm.DEQUANTIZE_TILES))
         out.append(("mxfp4 dequantize", mxfp4_gemm._dequantize_kernel, {}, mxfp4_gemm.DEQUANTIZE_TILES))
         for constexprs in dense_gemm.EPILOGUE_VARIANTS:
             name = "dense epilogue" + "".join(f" {k.lower()}" for k, on in constexprs.items() if on)

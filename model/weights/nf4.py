@@ -41,6 +41,13 @@ class NF4Tensor:
         return self.packed.numel() + sum(t.numel() * t.element_size() for t in extra)
 
 
+def dequantize(w: NF4Tensor, kernel: bool) -> torch.Tensor:
+    """w in its compute dtype: bitsandbytes' dequantisation (two kernels and an fp32 copy of the scales),
+    or with `kernel` the NF4 kernels' one kernel (nf4_gemm.dequantize), bit-identical, where the rows
+    hold whole blocks of 64 (every gpt-oss projection's do)."""
+    return nf4_gemm.dequantize(w) if kernel and w.shape[-1] % BLOCKSIZE == 0 else w.dequantize()
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x W^T + b with W in NF4; the backward dequantises W again rather than keeping it.
 
@@ -49,23 +56,25 @@ class _NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w: NF4Tensor, bias):
-        ctx.w = w
-        return F.linear(x, w.dequantize(), bias)
+    def forward(ctx, x, w: NF4Tensor, bias, kernel: bool):
+        ctx.w, ctx.kernel = w, kernel
+        return F.linear(x, dequantize(w, kernel), bias)
 
     @staticmethod
     def backward(ctx, dy):
-        return dy @ ctx.w.dequantize(), None, None              # W and its bias are frozen
+        return dy @ dequantize(ctx.w, ctx.kernel), None, None, None     # W and its bias are frozen
 
 
 class NF4Linear(nn.Module):
-    """y = x W^T + b with W frozen in NF4."""
+    """y = x W^T + b with W frozen in NF4. `kernel`: W dequantised by the NF4 kernels' one kernel
+    (bit-identical to bitsandbytes'); the model sets it where those kernels run (GptOss.decode)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_nf4: NF4Tensor | None = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel = False
 
     def set_weight(self, weight: torch.Tensor, compute_dtype=torch.bfloat16):
         assert weight.shape == (self.out_features, self.in_features), weight.shape
@@ -74,7 +83,7 @@ class NF4Linear(nn.Module):
     def forward(self, x):
         w = self.weight_nf4
         bias = None if self.bias is None else self.bias.to(w.dtype)
-        return _NF4Matmul.apply(x.to(w.dtype), w, bias)
+        return _NF4Matmul.apply(x.to(w.dtype), w, bias, self.kernel)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_nf4.dequantize()
