@@ -152,17 +152,18 @@ class LoRAExperts(nn.Module):
         return self.num_experts, n_in, n_out
 
     def low_rank(self, name: str, x, counts, offsets):
-        """(dropout(x) @ A[e]) @ B[e] * scaling for rows x sorted by expert, in x's dtype.
-
-        The scaling goes into B (experts, rank, out), not onto the (rows, out) product: no extra pass.
-        """
-        a, b = self.lora_A[name].to(x.dtype), (self.lora_B[name] * self.scaling).to(x.dtype)
-        if counts is None and self.rank % 8:
-            # the grouped kernel wants 16-byte strides: pad the rank with zeros, which adds exactly nothing
-            pad = -self.rank % 8
-            a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
+        """(dropout(x) @ A[e]) @ B[e] * scaling for rows x sorted by expert, in x's dtype (`factor`)."""
+        a, b = self.factor(name, x.dtype)
         h = grouped_matmul(self.dropout(x), a, counts, offsets)   # (rows, rank)
         return grouped_matmul(h, b, counts, offsets)
+
+    def factor(self, name: str, dtype):
+        """A (experts, in, rank) and B (experts, rank, out) of matrix `name` in dtype, the scaling in B (not
+        a pass over the (rows, out) product), the rank padded with zeros to a multiple of 8 (the grouped
+        kernel wants 16-byte strides; zeros add exactly nothing)."""
+        a, b = self.lora_A[name].to(dtype), (self.lora_B[name] * self.scaling).to(dtype)
+        pad = -self.rank % 8
+        return (F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))) if pad else (a, b)
 
     def gate_up(self, x, expert, counts, offsets, fast=None):
         update = self.update("gate_up_proj", x, counts, offsets)
@@ -186,18 +187,12 @@ class LoRAExperts(nn.Module):
         return Experts.forward(self, x, weights, idx, fast)
 
     def factors(self, dtype):
-        """(A, B) of gate_up_proj, then of down_proj, in dtype (None where not adapted): A (experts, in,
-        rank), B (experts, rank, out) with the scaling in it, the rank padded with zeros to a multiple of 8
-        (the grouped kernel wants 16-byte strides; zeros add exactly nothing)."""
-        out = []
+        """`factor` of gate_up_proj, then of down_proj, flattened (None, None where not adapted): what the
+        frozen experts' fused layer takes (model/fast/nf4_layer.py)."""
+        out = ()
         for name in EXPERT_MATRICES:
-            if name not in self.lora_A:
-                out += [None, None]
-                continue
-            pad = -self.rank % 8
-            a, b = self.lora_A[name].to(dtype), (self.lora_B[name] * self.scaling).to(dtype)
-            out += [F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))]
-        return tuple(out)
+            out += self.factor(name, dtype) if name in self.lora_A else (None, None)
+        return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update of base matrix `name` in its layout (experts, in, out), float32."""
