@@ -19,7 +19,8 @@ from model.weights.mxfp4 import MXFP4Experts
 from model.weights.nf4 import NF4Tensor
 from test_mxfp4 import random_mxfp4
 from test_nf4_gemm import (check_expert_lora_on_the_kernels, check_kernels_keep_forward_and_gradient,
-                           check_padding_is_skipped, nf4_and_dense_experts, per_expert, routed_tokens)
+                           check_padding_is_skipped, expert_lora, nf4_and_dense_experts, per_expert,
+                           routed_tokens)
 
 MODULES = (nf4_gemm_module, mxfp4_gemm_module, dense_gemm_module)   # in import order
 
@@ -203,32 +204,14 @@ def checkpointed_and_not(layer, x, weights, idx, calls):
     return out[False][1], out[True][1]
 
 
-def test_a_recomputation_keeps_gate_up_for_the_backward_that_follows(dense, monkeypatch):
+@pytest.mark.parametrize("adapted", [False, True])
+def test_a_recomputation_keeps_gate_up_for_the_backward_that_follows(dense, monkeypatch, adapted):
     """Under the model's checkpointing, the recomputation's copy of gate_up serves the backward's input
     gradient (gate_up dequantised twice in all, not three times), down's input gradient runs on the fused
-    kernel meanwhile, and the gradients equal the layer's without checkpointing (float32)."""
+    kernel meanwhile, and the gradients (an adapter's too) equal the layer's without checkpointing
+    (float32). Expert LoRA rides in the same layer, so it is recomputed the same way."""
     config, quantised, _ = nf4_and_dense_experts(seed=4)
-    quantised.requires_grad_(False)
-    calls = count_base_calls(monkeypatch, quantised.nf4["gate_up_proj"][0])
-    plain, checkpointed = checkpointed_and_not(quantised, *routed_tokens(config), calls)
-    assert plain == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),
-                     ("dequantize", "gate_up")]
-    assert checkpointed == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "gate_up"),
-                            ("grouped_mm_t", "down")]
-
-
-def test_expert_lora_under_checkpointing_keeps_gate_up_for_the_backward_too(dense, monkeypatch):
-    """Expert LoRA runs in the frozen experts' layer, so it is recomputed as that layer is: gate_up only,
-    its copy kept for the backward, down's input gradient fused; the gradients (the adapter's too) equal
-    the run without checkpointing."""
-    from lora.layers import LoRAExperts
-    config, quantised, _ = nf4_and_dense_experts(seed=6)
-    quantised.requires_grad_(False)
-    torch.manual_seed(9)
-    layer = LoRAExperts(quantised, rank=4, alpha=8)
-    for p in layer.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
+    layer = expert_lora(quantised) if adapted else quantised.requires_grad_(False)
     calls = count_base_calls(monkeypatch, quantised.nf4["gate_up_proj"][0])
     plain, checkpointed = checkpointed_and_not(layer, *routed_tokens(config), calls)
     assert plain == [("dequantize", "gate_up"), ("dequantize", "down"), ("dequantize", "down"),

@@ -131,20 +131,29 @@ def quantised_and_dense_experts(group=None, storage=None):
     return quantised, dense
 
 
+def routed(tokens, seed):
+    """gpt-oss-20b-wide bf16 tokens, their routing weights and top-4 of 8 experts, and the generator
+    that drew them (for what a test draws next)."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(tokens, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(tokens, 4, device="cuda", generator=g), -1)
+    idx = torch.rand(tokens, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    return x, w, idx, g
+
+
 def check_against_dense(quantised, dense, paths=None):
     """The 4-bit layer on the fast paths (`paths`, default the GPU's) against its dense twin run plainly
-    (a loop over experts), 4,096 tokens in bf16: output and input/routing gradients within bf16 rounding
-    of the accumulation."""
-    g = torch.Generator("cuda").manual_seed(2)
-    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
-    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    (a loop over experts), 4,096 tokens in bf16: output, input/routing gradients and those of any trained
+    parameter (an adapter's) within bf16 rounding of the accumulation."""
+    x, w, idx, _ = routed(4096, seed=2)
     results = []
     for layer, p in ((quantised, paths or fast()), (dense, None)):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        trained = [t for t in layer.parameters() if t.requires_grad]
         y = layer(xi, wi, idx, p)
         dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3), dtype=y.dtype)
-        results.append((y, *torch.autograd.grad(y, (xi, wi), dy)))
+        results.append((y, *torch.autograd.grad(y, (xi, wi, *trained), dy)))
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         assert rel(a, b) < 1.5e-2
 
@@ -200,19 +209,8 @@ def test_expert_lora_on_the_nf4_kernels_equals_it_on_dense_experts(dense_path):
     dense twin run plainly: output and input/routing gradients (check_against_dense), and every adapter
     matrix's gradient."""
     layers = [expert_lora(base) for base in quantised_and_dense_experts()]
+    assert sum(t.requires_grad for t in layers[0].parameters()) == 4
     check_against_dense(*layers, fast(dense_path))
-    g = torch.Generator("cuda").manual_seed(6)
-    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
-    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
-    dy = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    grads = []
-    for layer, p in zip(layers, (fast(dense_path), None)):
-        layer(x, w, idx, p).backward(dy)
-        grads.append([t.grad for t in layer.parameters() if t.requires_grad])
-    assert len(grads[0]) == 4
-    for a, b in zip(*grads):
-        assert rel(a, b) < 1.5e-2
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -224,10 +222,7 @@ def test_padding_gets_no_expert_and_leaves_no_trace_on_the_gpu(dense_path, lora)
     exactly zero, and nothing is NaN."""
     nf4, _ = quantised_and_dense_experts()
     nf4 = expert_lora(nf4) if lora else nf4
-    g = torch.Generator("cuda").manual_seed(5)
-    x = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.softmax(torch.randn(4096, 4, device="cuda", generator=g), -1)
-    idx = torch.rand(4096, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    x, w, idx, g = routed(4096, seed=5)
     dy = torch.randn(4096, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
     padding = torch.zeros(4096, dtype=torch.bool, device="cuda")
     padding[3000:] = True
@@ -251,10 +246,7 @@ def test_experts_are_bit_reproducible(dense_path):
     """The same inputs give the same bits: each token's expert rows are summed in a fixed order (on the
     fused kernels and on the dense path)."""
     nf4, _ = quantised_and_dense_experts()
-    g = torch.Generator("cuda").manual_seed(4)
-    x = torch.randn(8192, 2880, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.softmax(torch.randn(8192, 4, device="cuda", generator=g), -1)
-    idx = torch.rand(8192, 8, device="cuda", generator=g).argsort(-1)[:, :4]
+    x, w, idx, _ = routed(8192, seed=4)
     outs = []
     for _ in range(3):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()

@@ -223,22 +223,25 @@ def check_kernels_keep_forward_and_gradient(gemm, monkeypatch, quantised, dense,
             assert getattr(quantised, name).grad is None
 
 
+def expert_lora(base, matrices=("gate_up_proj", "down_proj")):
+    """LoRA r4 on `matrices` of frozen experts `base`, every adapter matrix ~ N(0, 0.1) (B too, so that
+    each has a gradient), the same for the same base shapes."""
+    from lora.layers import LoRAExperts
+    torch.manual_seed(9)
+    layer = LoRAExperts(base.requires_grad_(False), rank=4, alpha=8, matrices=matrices)
+    for p in layer.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return layer
+
+
 def check_expert_lora_on_the_kernels(gemm, monkeypatch, quantised, dense, x, weights, idx, fast=None,
                                      matrices=("gate_up_proj", "down_proj")):
     """Expert LoRA (on `matrices`) over 4-bit experts runs in the frozen experts' fused layer
     (`_NF4ExpertLayer`, the SwiGLU in gate_up's epilogue), whose kernels add the low-rank terms (`add`),
     and equals it over the same experts dequantised (Experts.forward): output, and the gradients of
     the input, the routing weights and every adapter matrix."""
-    from lora.layers import LoRAExperts
-    layers = []
-    for base in (quantised, dense):
-        base.requires_grad_(False)
-        torch.manual_seed(9)
-        layer = LoRAExperts(base, rank=4, alpha=8, matrices=matrices)
-        for p in layer.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.1)                      # B too, so every matrix has a gradient
-        layers.append(layer)
+    layers = [expert_lora(base, matrices) for base in (quantised, dense)]
     calls = count_calls(gemm, monkeypatch)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
@@ -368,13 +371,8 @@ def test_padding_tokens_get_no_expert_and_leave_no_trace(gemm, monkeypatch):
 
 
 def test_padding_leaves_no_trace_in_expert_lora_either(gemm, monkeypatch):
-    from lora.layers import LoRAExperts
     config, nf4, _ = nf4_and_dense_experts(seed=5)
-    torch.manual_seed(2)
-    layer = LoRAExperts(nf4.requires_grad_(False), rank=4, alpha=8)
-    for p in layer.lora_B.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    check_padding_is_skipped(gemm, monkeypatch, config, layer)
+    check_padding_is_skipped(gemm, monkeypatch, config, expert_lora(nf4))
 
 
 def check_padding_is_skipped(gemm, monkeypatch, config, layer, fast=None):
