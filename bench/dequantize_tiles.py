@@ -26,8 +26,7 @@ for name, module, w in (("nf4", nf4_gemm, nf4), ("mxfp4", mxfp4_gemm, mx)):
     moved = w.nbytes() + ref.numel() * 2
     for bb in (32, 64, 128, 256, 512):
         for warps in (2, 4, 8):
-            fusion = {k: v for k, v in module.DEQUANTIZE_TILES.items() if k == "enable_fp_fusion"}   # NF4's: off
-            tiles = {"BB": bb, "num_warps": warps, **fusion}
+            tiles = {**module.DEQUANTIZE_TILES, "BB": bb, "num_warps": warps}   # (NF4's: fused multiply-adds off)
             same = torch.equal(module.dequantize(w, tiles), ref)
             ms = timed(lambda: module.dequantize(w, tiles))
             print(json.dumps({"base": name, **tiles, "ms": round(ms, 4), "GBps": round(moved / ms / 1e6),

@@ -25,17 +25,18 @@ GiB = 2 ** 30
 PARTS = [
     ("nf4 experts y = x W (forward, recomputation; SwiGLU epilogue)", r"_grouped_mm_kernel"),
     ("nf4 experts dx = dy W^T (backward)", r"_grouped_mm_t_kernel"),
-    ("dense experts: dequantisation", r"_dequantize_kernel"),
+    ("one-kernel dequantisation (the dense path's experts; q/k/v/o)", r"_dequantize_kernel"),
     ("dense experts: bias, SwiGLU epilogue", r"_epilogue_kernel"),
     ("dense experts: torch._grouped_mm", r"GroupProblem|grouped_?gemm|GroupedGemm|grouped_mm"),
     ("attention (flex, forward and backward)", r"flex|triton_tem_fused|attention"),
     ("optimizer (AdamW)", r"adam|multi_tensor|foreach"),
     ("routing: sort, gather, permute", r"sort|radix|gather|index|scatter|cumsum|topk|bitonic"),
-    ("other matrix products (q/k/v/o NF4 dequant + bf16 GEMM, LoRA, router, lm_head)",
+    ("other matrix products (q/k/v/o bf16 GEMM, bitsandbytes' scale decode, LoRA, router, lm_head)",
      r"gemm|cutlass|xmma|nvjet|sm90|sm80|ampere|hopper|kernel_nf4|dequantize|splitK|cublas"),
     ("loss (chunked cross-entropy)", r"softmax|log_softmax|nll|cross_entropy"),
-    ("elementwise and reductions (norms, SwiGLU backward, residuals, casts)",
-     r"triton_|_mlp_backward_kernel|elementwise|vectorized|reduce|copy|fill|Memcpy|Memset|cat|mul|add"),
+    ("elementwise and reductions (norms, SwiGLU backward, rows' sums, rotary, residuals, casts)",
+     r"triton_|_mlp_backward_kernel|_sum_rows_kernel|_rotary_kernel|elementwise|vectorized|reduce|copy|fill|Memcpy|"
+     r"Memset|cat|mul|add"),
 ]
 
 

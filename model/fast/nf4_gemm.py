@@ -420,7 +420,7 @@ DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4, "enable_fp_fusion": False}
 def dequantize(w, tiles: dict | None = None):
     """The whole NF4Tensor w in its compute dtype and shape in one kernel, scales decoded inside:
     bit-identical to bitsandbytes' dequantisation (two kernels, and an fp32 copy of the scales) where
-    its rows hold whole blocks (bitsandbytes' CPU build lays out blocks that span rows otherwise), for
+    its rows hold whole blocks (where blocks span rows, bitsandbytes' CPU build was seen to differ), for
     model/fast/dense_gemm.py, which multiplies it with torch._grouped_mm, and the attention's NF4Linear."""
     s = w.state
     assert s.nested and w.shape[-1] % BLOCKSIZE == 0, "the kernel takes double-quantised rows of whole blocks"
