@@ -8,6 +8,7 @@ backward as a CUDA graph (model/fast/cuda_graph.py); the first step of a length 
     python bench/make_checkpoint.py /tmp/ck
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --out $OUT/ours.json
     python bench/bench.py --checkpoint /tmp/ck --seqs 1024,2048,4096 --quick --graphs --out $OUT/graphs.json
+    python bench/bench.py --checkpoint /tmp/ck --seqs 2048,4096 --graphs --config "embedding on cpu" --dense-experts 1
     python bench/bench.py --compare $OUT/ours.json $OUT/hf_peft_baseline.json
 """
 import argparse
@@ -140,14 +141,20 @@ def main():
                    "--kept-blocks), each swept on the same loaded model")
     p.add_argument("--dense-experts", default="0", help="comma-separated 0/1: the experts dequantised a layer "
                    "at a time for torch._grouped_mm (GptOss.dense_experts), each swept on the same loaded model")
+    p.add_argument("--config", action="append", default=[], help="only this config (a name in CONFIGS; repeatable), "
+                   "over --seqs: e.g. 'embedding on cpu' alone, for its own peak in a fresh process")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
     if args.compare:
         return compare(*args.compare)
+    chosen = args.config
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        p.error(f"--config: unknown {unknown}; known: {list(CONFIGS)}")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "loads": [], "runs": []}
-    for name, options in (FAST if args.quick else CONFIGS).items():
-        seqs = args.seqs if name == "default" else args.variants
+    for name, options in ({c: CONFIGS[c] for c in chosen} if chosen else FAST if args.quick else CONFIGS).items():
+        seqs = args.seqs if name == "default" or chosen else args.variants
         if not seqs:
             continue
         model, r = load(args.checkpoint, {**options, "experts": args.base})
