@@ -443,3 +443,28 @@ def test_offloaded_checkpoints_give_bit_identical_gradients_on_the_gpu(small_nf4
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
+
+
+def test_the_embedding_on_the_cpu_gives_bit_identical_gradients_eager_and_in_a_graph(small_nf4):
+    """The table on the CPU (looked up into pinned memory, copied without blocking the host): the same
+    bits as on the GPU, eager and over graph replays of new ids (each lookup's memory in use until its
+    copy has read it)."""
+    from model.fast.cuda_graph import GraphedStep
+    model, params = small_nf4
+    generator = torch.Generator("cuda").manual_seed(10)
+    batches = [torch.randint(0, model.config.vocab_size, (1, 300), device="cuda", generator=generator)
+               for _ in range(3)]
+    on_gpu = [lora_grads(model, params, ids) for ids in batches]
+    emb = model.model.embed_tokens
+    emb.to("cpu")
+    try:
+        eager = [lora_grads(model, params, ids) for ids in batches]
+        graphed = GraphedStep(model, params, fast())
+        replayed = [lora_grads(model, params, ids, graphed) for ids in batches]
+    finally:
+        emb.to("cuda")
+    for expected, got_eager, got_graph in zip(on_gpu, eager, replayed):
+        for got in (got_eager, got_graph):
+            assert torch.equal(expected[0], got[0])
+            for a, b in zip(expected[1], got[1]):
+                assert torch.equal(a, b)
