@@ -1,6 +1,6 @@
 """Session 21, call 2: the CPU embedding's lookup for one micro-batch, until its rows are on the GPU,
-as before (gathered into pageable memory, a blocking copy) and now (GptOss.embed: pinned memory, a
-non-blocking copy), gpt-oss-20b's table (201,088 x 2,880 bf16), 2,048 and 4,096 tokens."""
+as before (gathered into pageable memory, a blocking copy) and now (GptOss.embed with
+../call2_pinned_embedding.patch applied, not kept: pinned memory, a non-blocking copy), gpt-oss-20b's table (201,088 x 2,880 bf16), 2,048 and 4,096 tokens."""
 import json, statistics, sys, os, time
 import torch
 sys.path.insert(0, os.getcwd())
