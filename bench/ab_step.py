@@ -76,7 +76,7 @@ def main():
         for owner, attr, fn in swaps:
             setattr(owner, attr, fn)
         try:
-            dt, loss = step_time(model, opt, args.seq, args.steps, GraphedStep(model, params, gate.decide("cuda")))
+            dt, loss, _ = step_time(model, opt, args.seq, args.steps, GraphedStep(model, params, gate.decide("cuda")))
         finally:
             for (owner, attr, _), fn in zip(swaps, kept):
                 setattr(owner, attr, fn)

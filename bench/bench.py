@@ -69,12 +69,17 @@ def train_lora(model, targets=DEFAULT_TARGETS):
     return params, torch.optim.AdamW(params, lr=1e-4, fused=True)
 
 
-def step_time(model, opt, seq, steps, graphed=None):
-    """Median seconds of a training step at `seq` tokens after one warm-up step, and the last loss."""
+def step_time(model, opt, seq, steps, graphed=None, fresh_ids=False):
+    """Median seconds of a training step at `seq` tokens after one warm-up step, the last loss, and
+    each timed step's seconds. The same random tokens every step, or with fresh_ids new ones each step
+    (drawn before the step's clock starts)."""
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
     labels = ids.cpu()  # as train.py's batches: the target rows are found on the host
     times = []
     for _ in range(steps + 1):
+        if fresh_ids:
+            ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
+            labels = ids.cpu()
         torch.cuda.synchronize()
         t = time.perf_counter()
         if graphed is None:
@@ -87,20 +92,21 @@ def step_time(model, opt, seq, steps, graphed=None):
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]), (total / count).item()
+    return statistics.median(times[1:]), (total / count).item(), times[1:]
 
 
-def sweep(model, opt, seqs, steps, label, graphed=None):
+def sweep(model, opt, seqs, steps, label, graphed=None, fresh_ids=False):
     out = []
     for seq in seqs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            dt, loss = step_time(model, opt, seq, steps if seq <= 16384 else 2, graphed)
+            dt, loss, times = step_time(model, opt, seq, steps if seq <= 16384 else 2, graphed, fresh_ids)
             r = {"config": label, "seq": seq, "step_s": round(dt, 3), "tok_s": round(seq / dt, 1),
                  "peak_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
                  "reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2), "loss": round(loss, 3),
-                 "graphs": graphed is not None, "captures": graphed.captures if graphed else 0}
+                 "graphs": graphed is not None, "captures": graphed.captures if graphed else 0,
+                 "step_ms": [round(t * 1e3, 1) for t in times]}
         except torch.OutOfMemoryError as e:
             r = {"config": label, "seq": seq, "oom": True, "error": str(e).split(". ")[0]}
         print(json.dumps(r), flush=True)
@@ -143,6 +149,8 @@ def main():
                    "at a time for torch._grouped_mm (GptOss.dense_experts), each swept on the same loaded model")
     p.add_argument("--config", action="append", default=[], help="only this config (a name in CONFIGS; repeatable), "
                    "over --seqs: e.g. 'embedding on cpu' alone, for its own peak in a fresh process")
+    p.add_argument("--fresh-ids", action="store_true", help="new random tokens each step (default: the same "
+                   "ones, on which the adapter's training moves the routing step by step)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()
@@ -173,7 +181,8 @@ def main():
                 # a graph per setting: one captured with other blocks checkpointed would replay them so
                 graphed = GraphedStep(model, params, gate.decide("cuda")) if args.graphs else None
                 label = name + (f", kept {k}" if kept != [0] else "") + (", dense experts" if dense else "")
-                result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, label, graphed)
+                result["runs"] += sweep(model, opt, [int(s) for s in seqs.split(",")], args.steps, label, graphed,
+                                        args.fresh_ids)
                 del graphed
         del model, opt
         with open(args.out, "w") as f:  # after each config, so a cut-short run keeps what it measured

@@ -121,7 +121,7 @@ def run_base(config, base: str, seqs, steps: int) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            dt, loss = step_time(model, opt, seq, steps)
+            dt, loss, _ = step_time(model, opt, seq, steps)
             r = {"base": base, "seq": seq, "step_s": round(dt, 3), "tok_s": round(seq / dt, 1),
                  "peak_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
                  "reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2), "loss": round(loss, 3)}

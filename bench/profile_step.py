@@ -1,6 +1,7 @@
 """Where a training step's time and memory go: a torch.profiler table at one length, and the
 forward/backward peaks (with the failing op's traceback) at a long one.
     python bench/profile_step.py --checkpoint /tmp/ck --seq 2048 --long 65536
+    python bench/profile_step.py --checkpoint /tmp/ck --seq 2048 --graphs --dense-experts --kernels 40
 """
 import argparse
 import json
@@ -17,6 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import train_lora  # noqa: E402  (bench/bench.py, beside this script)
 from model import load_model  # noqa: E402
+from model.fast import gate  # noqa: E402
+from model.fast.cuda_graph import GraphedStep  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -63,9 +66,14 @@ def breakdown(events, wall_ms, kernel_ms, config, seq):
             "experts_flop": flop, "experts_ms_at_989_tflops": round(flop / 989e12 * 1e3, 1)}
 
 
-def step(model, opt, ids):
-    total, count = model.loss(ids, ids, reduction="sum")
-    (total / count).backward()
+def step(model, opt, ids, graphed=None, labels=None):
+    """One optimizer step on ids: eager, or replayed as a CUDA graph (`graphed`, labels on the host as
+    train.py's batches have them), as bench.py times it."""
+    if graphed is None:
+        total, count = model.loss(ids, ids, reduction="sum")
+        (total / count).backward()
+    else:
+        graphed.step(ids, labels, 1.0 / (ids.shape[1] - 1))
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -79,21 +87,25 @@ def main():
     p.add_argument("--kernels", type=int, default=0, help="also list this many kernels, the longest first")
     p.add_argument("--kept-blocks", type=int, default=0, help="blocks not checkpointed, as train.py's --kept-blocks")
     p.add_argument("--dense-experts", action="store_true", help="the experts' dense path (GptOss.dense_experts)")
+    p.add_argument("--graphs", action="store_true", help="the step replayed as a CUDA graph, as bench.py --graphs "
+                   "times it: its kernels back to back, where the eager step leaves the GPU idle between them")
     args = p.parse_args()
     model = load_model(args.checkpoint, quantize="nf4", device="cuda", embedding_device=args.embedding_device)
-    _, opt = train_lora(model)
+    params, opt = train_lora(model)
     model.kept_blocks, model.dense_experts = args.kept_blocks, args.dense_experts
+    graphed = GraphedStep(model, params, gate.decide("cuda")) if args.graphs else None
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
+    labels = ids.cpu()
     for _ in range(2):
-        step(model, opt, ids)
+        step(model, opt, ids, graphed, labels)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(3):
-        step(model, opt, ids)
+        step(model, opt, ids, graphed, labels)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(model, opt, ids)
+        step(model, opt, ids, graphed, labels)
         torch.cuda.synchronize()
     events = prof.key_averages()
     # kernels only: an op's row also carries its kernels' time, which would count them twice
