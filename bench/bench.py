@@ -149,8 +149,8 @@ def main():
                    "at a time for torch._grouped_mm (GptOss.dense_experts), each swept on the same loaded model")
     p.add_argument("--config", action="append", default=[], help="only this config (a name in CONFIGS; repeatable), "
                    "over --seqs: e.g. 'embedding on cpu' alone, for its own peak in a fresh process")
-    p.add_argument("--fresh-ids", action="store_true", help="new random tokens each step (default: the same "
-                   "ones, on which the adapter's training moves the routing step by step)")
+    p.add_argument("--fresh-ids", action="store_true", help="new random tokens each step (default: the same ones "
+                   "every step, as every figure in docs/BENCHMARKS.md before round 2's tenth session)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--compare", nargs=2, metavar=("OURS", "REF"))
     args = p.parse_args()

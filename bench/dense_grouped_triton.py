@@ -12,7 +12,6 @@ tiles swept, each checked against torch._grouped_mm.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -20,9 +19,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grouped_layouts import EXPERTS, HIDDEN, INTER, routed, timed  # noqa: E402  (beside this script)
 from model.fast.nf4_gemm import _program_tile  # noqa: E402
-
-EXPERTS, HIDDEN, INTER = 32, 2880, 2880
 
 
 @triton.jit
@@ -62,20 +60,6 @@ def grouped(x, w, offsets, trans, tiles):
     return y
 
 
-def timed(fn, reps=30):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 TILE_SWEEP = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s)
               for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                                        (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -90,8 +74,7 @@ def main():
                       "triton": triton.__version__}), flush=True)
     torch.manual_seed(0)
     for rows in (int(r) for r in args.rows.split(",")):
-        counts = torch.distributions.Multinomial(rows, torch.full((EXPERTS,), 1.0 / EXPERTS)).sample().long()
-        offsets = counts.cumsum(0).to(torch.int32).cuda()
+        _, offsets = routed(rows)
         for name, k, n in (("gate_up", HIDDEN, 2 * INTER), ("down", INTER, HIDDEN)):
             w = torch.randn(EXPERTS, k, n, device="cuda", dtype=torch.bfloat16) * 0.02     # (experts, in, out)
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)

@@ -31,6 +31,12 @@ def timed(fn, reps=30):
     return statistics.median(times)
 
 
+def routed(rows):
+    """(counts, offsets on the GPU) of `rows` rows split among the experts as a uniform random router splits them."""
+    counts = torch.distributions.Multinomial(rows, torch.full((EXPERTS,), 1.0 / EXPERTS)).sample().long()
+    return counts, counts.cumsum(0).to(torch.int32).cuda()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="8192,16384")
@@ -38,8 +44,7 @@ def main():
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
     torch.manual_seed(0)
     for rows in (int(r) for r in args.rows.split(",")):
-        counts = torch.distributions.Multinomial(rows, torch.full((EXPERTS,), 1.0 / EXPERTS)).sample().long()
-        offsets = counts.cumsum(0).to(torch.int32).cuda()
+        counts, offsets = routed(rows)
         for name, k, n in (("gate_up", HIDDEN, 2 * INTER), ("down", INTER, HIDDEN)):
             w = torch.randn(EXPERTS, k, n, device="cuda", dtype=torch.bfloat16) * 0.02     # (experts, in, out)
             w_t = w.transpose(1, 2).contiguous()                                          # (experts, out, in)
