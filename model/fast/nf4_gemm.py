@@ -417,13 +417,19 @@ def operands(w, device) -> tuple:
 DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4, "enable_fp_fusion": False}
 
 
+def dequantize_takes(w) -> bool:
+    """Whether `dequantize` takes the NF4Tensor w: double-quantised scales, and rows of whole blocks (where
+    blocks span rows, bitsandbytes' CPU build was seen to differ)."""
+    return w.state.nested and w.shape[-1] % BLOCKSIZE == 0
+
+
 def dequantize(w, tiles: dict | None = None):
     """The whole NF4Tensor w in its compute dtype and shape in one kernel, scales decoded inside:
     bit-identical to bitsandbytes' dequantisation (two kernels, and an fp32 copy of the scales) where
-    its rows hold whole blocks (where blocks span rows, bitsandbytes' CPU build was seen to differ), for
-    model/fast/dense_gemm.py, which multiplies it with torch._grouped_mm, and the attention's NF4Linear."""
+    it takes w (`dequantize_takes`), for model/fast/dense_gemm.py, which multiplies it with
+    torch._grouped_mm, and the attention's NF4Linear."""
+    assert dequantize_takes(w), "the kernel takes double-quantised rows of whole blocks"
     s = w.state
-    assert s.nested and w.shape[-1] % BLOCKSIZE == 0, "the kernel takes double-quantised rows of whole blocks"
     out = torch.empty(w.shape, device=w.packed.device, dtype=w.dtype)
     n_blocks, t = out.numel() // BLOCKSIZE, tiles or DEQUANTIZE_TILES
     _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](

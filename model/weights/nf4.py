@@ -43,9 +43,9 @@ class NF4Tensor:
 
 def dequantize(w: NF4Tensor, kernel: bool) -> torch.Tensor:
     """w in its compute dtype: bitsandbytes' dequantisation (two kernels and an fp32 copy of the scales),
-    or with `kernel` the NF4 kernels' one kernel (nf4_gemm.dequantize), bit-identical, where the rows
-    hold whole blocks of 64 (every gpt-oss projection's do)."""
-    return nf4_gemm.dequantize(w) if kernel and w.shape[-1] % BLOCKSIZE == 0 else w.dequantize()
+    or with `kernel` the NF4 kernels' one kernel (nf4_gemm.dequantize), bit-identical, where it takes w
+    (every gpt-oss projection's)."""
+    return nf4_gemm.dequantize(w) if kernel and nf4_gemm.dequantize_takes(w) else w.dequantize()
 
 
 class _NF4Matmul(torch.autograd.Function):
