@@ -97,6 +97,7 @@ class GptOss(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rotary = {}  # (power of two, device, dtype) -> (cos, sin): see `rotary`
+        self._nf4_linear_kernel = None   # what the NF4Linear modules were last set to (`decode`)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -150,9 +151,14 @@ class GptOss(nn.Module):
         them as any token).
         """
         fast = self.fast(x.device)
-        for m in self.modules():   # the attention's NF4 weights: one kernel each, where the NF4 kernels run
-            if isinstance(m, NF4Linear):
-                m.kernel = fast.nf4_kernels
+        if fast.nf4_kernels != self._nf4_linear_kernel:
+            # the attention's NF4 weights: one kernel each, where the NF4 kernels run. A walk over the
+            # modules (0.2 ms), so only when the choice changes; a module put in after it keeps its own
+            # setting, which costs speed only (both dequantisations give the same bits)
+            for m in self.modules():
+                if isinstance(m, NF4Linear):
+                    m.kernel = fast.nf4_kernels
+            self._nf4_linear_kernel = fast.nf4_kernels
         flex = self.attention == "flex" or (self.attention == "auto" and fast.flex_attention and x.is_cuda)
         cos, sin = self.rotary(x.shape[1], x.device, x.dtype)       # (seq, head_dim / 2)
         if positions is not None:  # a gather from the kept table: no table built, so a graph may capture it

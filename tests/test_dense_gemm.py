@@ -63,7 +63,7 @@ def test_dequantize_is_bitsandbytes_and_dequantize_mxfp4s_own_bit_for_bit(dense)
 def test_the_attentions_nf4_weights_take_the_one_kernel_where_the_nf4_kernels_run(dense):
     """NF4Linear dequantised by nf4_gemm.dequantize gives bitsandbytes' output and input gradient bit for bit
     (300 blocks: the second-level scales' last group partial); the model sets the switch from its fast
-    paths on each forward."""
+    paths at a forward whenever their choice changes."""
     from model.weights.nf4 import NF4Linear
     torch.manual_seed(3)
     layer = NF4Linear(128, 150, bias=torch.randn(150))
