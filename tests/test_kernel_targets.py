@@ -74,7 +74,9 @@ def test_every_launch_compiles_and_fits_the_generation(capability):
         + 3 + len(nf4_gemm.SUM_ROWS_VARIANTS) + dense
     for index in range(len(launches)):
         name, tiles, usage = compiled(capability, index)
-        assert usage["shared"] <= limit, (name, tiles, usage, limit)     # (the rows' sums need none)
+        # every product's tile lives in shared memory; the rows' sums hold no tile and need none
+        assert usage["shared"] <= limit and (usage["shared"] > 0 or name.startswith("sum rows")), \
+            (name, tiles, usage, limit)
         assert usage["registers"] <= 255, (name, usage)
         if capability[0] != 9 or not name.startswith(("y=", "dx=")):
             # The H100's NF4 tiles were tuned with the few bytes some variants spill there; elsewhere,
