@@ -192,14 +192,17 @@ def expert_lora(base, seed=7):
 
 def test_the_attentions_one_kernel_dequantisation_is_bitsandbytes_bit_for_bit():
     """nf4_gemm.dequantize (the double quantisation undone inside, no fused multiply-adds) against
-    bitsandbytes' CUDA dequantisation, at gpt-oss-20b's q, k and o shapes in bf16."""
+    bitsandbytes' CUDA dequantisation, at gpt-oss-20b's q, k and o shapes and three experts' gate_up,
+    in bf16 and fp16 (each pair of weights stored as one 32-bit word)."""
     from model.fast import nf4_gemm
     from model.weights.nf4 import NF4Tensor
     g = torch.Generator("cuda").manual_seed(8)
-    for shape in ((4096, 2880), (512, 2880), (2880, 4096)):
-        w = NF4Tensor(torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
-        got = nf4_gemm.dequantize(w)
-        assert got.dtype == torch.bfloat16 and torch.equal(got, w.dequantize()), shape
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape in ((4096, 2880), (512, 2880), (2880, 4096), (3, 2880, 5760)):
+            weight = torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+            w = NF4Tensor(weight, compute_dtype=dtype)
+            got = nf4_gemm.dequantize(w)
+            assert got.dtype == dtype and torch.equal(got, w.dequantize()), (shape, dtype)
 
 
 @pytest.mark.parametrize("dense_path", [False, True])

@@ -177,12 +177,17 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_kernel(packed_ptr, qabsmax_ptr, absmax2_ptr, code2_ptr, absmax_offset_ptr, code_ptr, out_ptr,
-                           n_blocks, BLOCK2: tl.constexpr, BB: tl.constexpr):
+                           n_blocks, BLOCK2: tl.constexpr, BB: tl.constexpr, PAIRS: tl.constexpr,
+                           BF16: tl.constexpr):
         """BB blocks of 64 weights a program, in their stored order (32 bytes and one scale each), the
         double quantisation undone here too: each block's 8-bit scale code through its 256-value code
         book, times its group of BLOCK2 blocks' fp32 absmax, plus the offset, then _dequant_tile's
         arithmetic. Launched without fused multiply-adds (DEQUANTIZE_TILES), so the product and the sum
-        round separately as in bitsandbytes' two kernels: bit-identical to its dequantisation."""
+        round separately as in bitsandbytes' two kernels: bit-identical to its dequantisation.
+
+        PAIRS (a 16-bit output; BF16: bfloat16, else float16): out_ptr is the output viewed as int32, and
+        each byte's two weights are stored as one word, element 2j in its low half (little-endian): ~13%
+        faster than joining the halves into one tile (docs/BENCHMARKS.md, round 2's eleventh session)."""
         b = tl.program_id(0) * BB + tl.arange(0, BB)
         ok = b < n_blocks
         byte = tl.load(packed_ptr + b.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok[:, None],
@@ -193,8 +198,15 @@ if triton is not None:
         code = tl.load(code_ptr + tl.arange(0, 16))
         hi = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BB * 32,)), 0), (BB, 32)) * scale
         lo = tl.reshape(tl.gather(code, tl.reshape(byte & 15, (BB * 32,)), 0), (BB, 32)) * scale
-        w = tl.reshape(tl.join(hi, lo), (BB, 64)).to(out_ptr.dtype.element_ty)   # element 2j, then 2j + 1
-        tl.store(out_ptr + b.to(tl.int64)[:, None] * 64 + tl.arange(0, 64)[None, :], w, mask=ok[:, None])
+        if PAIRS:
+            dtype: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+            even = hi.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            odd = lo.to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
+            tl.store(out_ptr + b.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :], even | (odd << 16),
+                     mask=ok[:, None])
+        else:
+            w = tl.reshape(tl.join(hi, lo), (BB, 64)).to(out_ptr.dtype.element_ty)   # element 2j, then 2j + 1
+            tl.store(out_ptr + b.to(tl.int64)[:, None] * 64 + tl.arange(0, 64)[None, :], w, mask=ok[:, None])
 
     @triton.jit
     def _grouped_mm_kernel(x_ptr, src_ptr, packed_ptr, absmax_ptr, absmax_offset_ptr, code_ptr, offsets_ptr, bias_ptr,
@@ -414,7 +426,7 @@ def operands(w, device) -> tuple:
 
 # blocks of 64 a program (bench/dequantize_tiles.py); no fused multiply-adds (the scale's product and sum
 # round separately, as bitsandbytes' do)
-DEQUANTIZE_TILES = {"BB": 64, "num_warps": 4, "enable_fp_fusion": False}
+DEQUANTIZE_TILES = {"BB": 128, "num_warps": 8, "enable_fp_fusion": False}   # the best of 16 (docs/BENCHMARKS.md)
 
 
 def dequantize_takes(w) -> bool:
@@ -432,9 +444,11 @@ def dequantize(w, tiles: dict | None = None):
     s = w.state
     out = torch.empty(w.shape, device=w.packed.device, dtype=w.dtype)
     n_blocks, t = out.numel() // BLOCKSIZE, tiles or DEQUANTIZE_TILES
+    pairs = out.element_size() == 2          # bf16 or fp16: each (even, odd) pair one 32-bit word
     _dequantize_kernel[(triton.cdiv(n_blocks, t["BB"]),)](
         w.packed, s.absmax, s.state2.absmax, s.state2.code, s.offset.float().reshape(1),
-        s.code.to(device=w.packed.device, dtype=torch.float32), out, n_blocks, BLOCK2=s.state2.blocksize, **t)
+        s.code.to(device=w.packed.device, dtype=torch.float32), out.view(torch.int32) if pairs else out, n_blocks,
+        BLOCK2=s.state2.blocksize, PAIRS=pairs, BF16=out.dtype == torch.bfloat16, **t)
     return out
 
 

@@ -96,7 +96,8 @@ def launches(capability: tuple[int, int]) -> list[tuple[str, object, dict, dict]
     for constexprs in nf4_gemm.SUM_ROWS_VARIANTS:
         name = "sum rows" + " weighted" * constexprs["WEIGHTED"]
         out.append((name, nf4_gemm._sum_rows_kernel, {**constexprs, "K": 4}, nf4_gemm.SUM_ROWS_TILES))
-    out.append(("dequantize", nf4_gemm._dequantize_kernel, {"BLOCK2": 256}, nf4_gemm.DEQUANTIZE_TILES))
+    out.append(("dequantize", nf4_gemm._dequantize_kernel, {"BLOCK2": 256, "PAIRS": True, "BF16": True},
+                nf4_gemm.DEQUANTIZE_TILES))
     if capability[0] in (9, 10):
         out.append(("mxfp4 dequantize", mxfp4_gemm._dequantize_kernel, {}, mxfp4_gemm.DEQUANTIZE_TILES))
         for constexprs in dense_gemm.EPILOGUE_VARIANTS:
