@@ -4,7 +4,7 @@ nf4_gemm.py and mxfp4_gemm.py dequantise each weight tile inside the product and
 copy of the weights. On Hopper that product runs at about half a bf16 grouped product's rate
 (gpt-oss-20b's gate_up at 8,192 rows: 1.17 ms against 0.55 ms, docs/BENCHMARKS.md): the dequantisation
 and the tensor cores take turns. Here the layer's experts are first written out in bf16 by one
-memory-bound kernel (`dequantize` of the base's module: 0.37 ms and 1 GB for gpt-oss-20b's gate_up),
+memory-bound kernel (`dequantize` of the base's module: 0.33 ms and 1 GB for gpt-oss-20b's gate_up),
 then multiplied by torch._grouped_mm at its full rate, and the copy is dropped at once. Faster, at the
 price of that transient copy, so the memory plan chooses it (`GptOss.dense_experts`).
 

@@ -424,9 +424,10 @@ def operands(w, device) -> tuple:
     return w.packed, *scales(w), w.state.code.to(device=device, dtype=torch.float32)
 
 
-# blocks of 64 a program (bench/dequantize_tiles.py); no fused multiply-adds (the scale's product and sum
-# round separately, as bitsandbytes' do)
-DEQUANTIZE_TILES = {"BB": 128, "num_warps": 8, "enable_fp_fusion": False}   # the best of 16 (docs/BENCHMARKS.md)
+# 128 blocks of 64 weights a program, on 8 warps: the best of 32 variants timed on an H200 (docs/BENCHMARKS.md,
+# round 2's eleventh session); no fused multiply-adds (the scale's product and sum round separately, as
+# bitsandbytes' do)
+DEQUANTIZE_TILES = {"BB": 128, "num_warps": 8, "enable_fp_fusion": False}
 
 
 def dequantize_takes(w) -> bool:
