@@ -69,6 +69,21 @@ def train_lora(model, targets=DEFAULT_TARGETS):
     return params, torch.optim.AdamW(params, lr=1e-4, fused=True)
 
 
+def train_step(model, opt, ids, labels, graphed=None):
+    """One optimizer step on ids (1, seq), every next token a target: eager, or replayed as a CUDA graph
+    (`graphed`; labels on the host, as train.py's batches have them). Returns the summed loss (on the GPU)
+    and the number of targets."""
+    if graphed is None:
+        total, count = model.loss(ids, ids, reduction="sum")
+        (total / count).backward()
+    else:
+        count = ids.shape[1] - 1
+        total = graphed.step(ids, labels, 1.0 / count)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, count
+
+
 def step_time(model, opt, seq, steps, graphed=None, fresh_ids=False):
     """Median seconds of a training step at `seq` tokens after one warm-up step, the last loss, and
     each timed step's seconds. The same random tokens every step, or with fresh_ids new ones each step
@@ -82,14 +97,7 @@ def step_time(model, opt, seq, steps, graphed=None, fresh_ids=False):
             labels = ids.cpu()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        if graphed is None:
-            total, count = model.loss(ids, ids, reduction="sum")
-            (total / count).backward()
-        else:
-            count = seq - 1
-            total = graphed.step(ids, labels, 1.0 / count)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        total, count = train_step(model, opt, ids, labels, graphed)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:]), (total / count).item(), times[1:]

@@ -16,7 +16,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import train_lora  # noqa: E402  (bench/bench.py, beside this script)
+from bench import train_lora, train_step  # noqa: E402  (bench/bench.py, beside this script)
 from model import load_model  # noqa: E402
 from model.fast import gate  # noqa: E402
 from model.fast.cuda_graph import GraphedStep  # noqa: E402
@@ -66,18 +66,6 @@ def breakdown(events, wall_ms, kernel_ms, config, seq):
             "experts_flop": flop, "experts_ms_at_989_tflops": round(flop / 989e12 * 1e3, 1)}
 
 
-def step(model, opt, ids, graphed=None, labels=None):
-    """One optimizer step on ids: eager, or replayed as a CUDA graph (`graphed`, labels on the host as
-    train.py's batches have them), as bench.py times it."""
-    if graphed is None:
-        total, count = model.loss(ids, ids, reduction="sum")
-        (total / count).backward()
-    else:
-        graphed.step(ids, labels, 1.0 / (ids.shape[1] - 1))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)
@@ -97,15 +85,15 @@ def main():
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     labels = ids.cpu()
     for _ in range(2):
-        step(model, opt, ids, graphed, labels)
+        train_step(model, opt, ids, labels, graphed)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(3):
-        step(model, opt, ids, graphed, labels)
+        train_step(model, opt, ids, labels, graphed)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(model, opt, ids, graphed, labels)
+        train_step(model, opt, ids, labels, graphed)
         torch.cuda.synchronize()
     events = prof.key_averages()
     # kernels only: an op's row also carries its kernels' time, which would count them twice
